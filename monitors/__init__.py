@@ -1,0 +1,1 @@
+"""Residual-stream reads: linear probes, direction projections and SAE encoders. Pure torch + pydantic."""

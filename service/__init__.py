@@ -1,0 +1,1 @@
+"""Transport and orchestration: engines, the CLI and (later) the gRPC service."""
