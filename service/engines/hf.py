@@ -1,0 +1,322 @@
+"""The transformers engine: continuous batching over a left-padded KV cache, with the core in hooks.
+
+One worker thread owns the model. Each loop turn it drops cancelled requests (their slots are free
+before the next forward), prefills newly admitted requests together, merges them into the running
+batch, and runs one decode step for every running request. Requests are validated and compiled on the
+caller's thread, so a bad request is refused alone and never reaches the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from service.engines import kv
+from service.engines.sequence import Sequence
+from service.engines.types import Event, FinalEvent, GenerationRequest, PromptEvent
+from steering.batch import BatchPlan, row_of
+from steering.compile import ModelShape, compile_spec
+from steering.errors import LimitExceeded, Unavailable, invalid
+from steering.hooks import LayerHooks
+from steering.registry import Registry
+from steering.spec import Limits
+
+log = logging.getLogger(__name__)
+
+
+class EngineLimits(Limits):
+    """Engine-wide bounds on top of the per-edit limits."""
+
+    max_batch: int = 16
+    max_queue: int = 256
+    max_prompt_tokens: int = 4096
+    max_new_tokens: int = 2048
+
+
+class Handle:
+    """A submitted request: cancel it from any thread."""
+
+    def __init__(self, seq: Sequence, wake: Callable[[], None]) -> None:
+        self._seq, self._wake = seq, wake
+
+    def cancel(self) -> None:
+        self._seq.cancelled = True
+        self._wake()
+
+
+class HFEngine:
+    """Batched generation with per-request reads and edits on a transformers model."""
+
+    def __init__(self, lm: Any, registry: Registry | None = None, limits: EngineLimits | None = None) -> None:
+        self.lm = lm
+        self.shape = ModelShape(lm.n_layers, lm.d_model)
+        self.registry = registry or Registry(lm.d_model)
+        self.limits = limits or EngineLimits()
+        self.hooks = LayerHooks(lm.layers)
+        self.hooks.install()
+        self._waiting: queue.Queue[Sequence] = queue.Queue()
+        self._running: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._plan: BatchPlan | None = None
+        self._wake_event = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.eos_ids = _eos_ids(lm)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> HFEngine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="steerwatch-hf-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> HFEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        return self._waiting.qsize()
+
+    # ---- submission ------------------------------------------------------------------------
+    def submit(self, req: GenerationRequest, emit: Callable[[Event], None]) -> Handle:
+        """Validate and enqueue ``req``; events go to ``emit`` (called on the engine thread)."""
+        if self._stop.is_set():
+            raise Unavailable("engine: shutting down; retry on another replica")
+        if req.sampling.max_tokens > self.limits.max_new_tokens:
+            raise LimitExceeded(f"sampling.max_tokens: {req.sampling.max_tokens} is beyond the limit; "
+                                f"allowed 1..{self.limits.max_new_tokens}", field="sampling.max_tokens")
+        ids = self._encode(req)
+        compiled = compile_spec(req.interventions, self.registry, self.shape, self.limits)
+        if self._waiting.qsize() >= self.limits.max_queue:
+            raise Unavailable(f"engine: queue full ({self.limits.max_queue} waiting); retry later")
+        seq = Sequence(req, compiled, ids, emit, self.lm.tokenizer)
+        self._waiting.put(seq)
+        self._wake_event.set()
+        return Handle(seq, self._wake_event.set)
+
+    def _encode(self, req: GenerationRequest) -> list[int]:
+        from service.models import encode_prompt
+
+        prompt: Any = req.prompt if isinstance(req.prompt, str) else [m.model_dump() for m in req.prompt]
+        ids = encode_prompt(self.lm.tokenizer, prompt)
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise LimitExceeded(f"prompt: {len(ids)} tokens is beyond the limit; allowed 1..{self.limits.max_prompt_tokens}",
+                                field="prompt")
+        if not ids:
+            raise invalid("prompt", "encodes to no tokens")
+        return ids
+
+    def stream(self, req: GenerationRequest) -> Iterator[Event]:
+        """Blocking iterator over a request's events (for the CLI and tests)."""
+        q: queue.Queue[Event] = queue.Queue()
+        handle = self.submit(req, q.put)
+        done = False
+        try:
+            while not done:
+                ev = q.get()
+                done = isinstance(ev, FinalEvent)
+                yield ev
+        finally:
+            if not done:
+                handle.cancel()
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
+        """Async iterator over a request's events; closing it (client gone) cancels the request."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        handle = self.submit(req, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        done = False
+        try:
+            while not done:
+                ev = await q.get()
+                done = isinstance(ev, FinalEvent)
+                yield ev
+        finally:
+            if not done:
+                handle.cancel()
+
+    def run(self, req: GenerationRequest) -> list[Event]:
+        """All events of one request."""
+        return list(self.stream(req))
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    self._turn()
+                except Exception:  # a step failed: end its requests, keep serving others
+                    log.exception("engine step failed")
+                    self._fail_all("internal error in the engine step")
+
+    def _turn(self) -> None:
+        self._drop_finished()
+        new = self._admit()
+        if new:
+            self._prefill(new)
+        if self._running:
+            self._decode()
+        elif not new:
+            self._wake_event.wait(0.05)
+            self._wake_event.clear()
+
+    def _admit(self) -> list[Sequence]:
+        new: list[Sequence] = []
+        while len(self._running) + len(new) < self.limits.max_batch:
+            try:
+                seq = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if seq.cancelled:
+                seq.finish("cancelled")
+                continue
+            seq.admitted_at = time.perf_counter()
+            new.append(seq)
+        return new
+
+    def _prefill(self, new: list[Sequence]) -> None:
+        width = max(len(s.prompt_ids) for s in new)
+        pad = self.lm.tokenizer.pad_token_id or 0
+        dev = self.lm.device
+        ids = torch.full((len(new), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, s in enumerate(new):
+            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
+            mask[i, width - len(s.prompt_ids):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        plan = _plan_for([s.compiled for s in new], self.shape.d_model, dev)
+        rows = torch.tensor([[row_of(i, "prompt") for _ in range(width)] for i in range(len(new))]) * mask
+        cache = DynamicCache(config=self.lm.model.config)
+        logits = self._forward(ids, mask, pos, cache, plan, rows.reshape(-1))
+        reads = self._host_reads(plan)
+        for i, s in enumerate(new):
+            s.position = len(s.prompt_ids)
+            if plan is not None and plan.read_slots[i]:
+                s.emit(self._prompt_event(s, plan, reads, i, width))
+        self._merge(new, cache, mask.to(dev))
+        for i, s in enumerate(new):
+            last = {slot.name: reads[(slot.layer, slot.after_edits)][i * width + width - 1, slot.column].item()
+                    for slot in (plan.read_slots[i] if plan is not None else [])}
+            s.take(self._sample(s, logits[i]), last, self.eos_ids)
+
+    def _decode(self) -> None:
+        seqs = self._running
+        dev = self.lm.device
+        ids = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long)
+        assert self._mask is not None
+        self._mask = torch.cat([self._mask, torch.ones(len(seqs), 1, dtype=self._mask.dtype, device=dev)], 1)
+        pos = torch.tensor([[s.position] for s in seqs], dtype=torch.long)
+        rows = torch.tensor([row_of(i, "generation") for i in range(len(seqs))])
+        logits = self._forward(ids, self._mask, pos, self._cache, self._plan, rows)
+        reads = self._host_reads(self._plan)
+        for i, s in enumerate(seqs):
+            s.position += 1
+            slots = self._plan.read_slots[i] if self._plan is not None else []
+            values = {slot.name: reads[(slot.layer, slot.after_edits)][i, slot.column].item() for slot in slots}
+            s.take(self._sample(s, logits[i]), values, self.eos_ids)
+        self.steps += 1
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
+                 plan: BatchPlan | None, rows: torch.Tensor) -> torch.Tensor:
+        dev = self.lm.device
+        self.hooks.set_step(plan, rows.to(dev) if plan is not None else None)
+        try:
+            out = self.lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                                past_key_values=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            self.hooks.plan = None
+        return out.logits[:, -1, :].float()
+
+    def _host_reads(self, plan: BatchPlan | None) -> dict[tuple[int, bool], torch.Tensor]:
+        """The step's readings on the CPU, keyed by (layer, after_edits): one transfer per table."""
+        out = {}
+        for layer, (pre, post) in self.hooks.reads.items():
+            if pre is not None:
+                out[(layer, False)] = pre.cpu()
+            if post is not None:
+                out[(layer, True)] = post.cpu()
+        return out
+
+    def _prompt_event(self, s: Sequence, plan: BatchPlan, reads: dict, i: int, width: int) -> PromptEvent:
+        n = len(s.prompt_ids)
+        start = i * width + width - n
+        values = {slot.name: reads[(slot.layer, slot.after_edits)][start:start + n, slot.column].tolist()
+                  for slot in plan.read_slots[i]}
+        toks = [self.lm.tokenizer.decode([t]) for t in s.prompt_ids]
+        return PromptEvent(toks, list(s.prompt_ids), values)
+
+    def _sample(self, s: Sequence, logits: torch.Tensor) -> int:
+        from service.engines.sampling import sample
+
+        return sample(logits, s.req.sampling, s.generator)
+
+    def _merge(self, new: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+        if self._cache is None or self._mask is None or not self._running:
+            self._cache, self._mask = cache, mask
+        else:
+            self._cache, self._mask = kv.merge(self._cache, self._mask, cache, mask)
+        self._running = self._running + new
+        self._plan = _plan_for([s.compiled for s in self._running], self.shape.d_model, self.lm.device)
+
+    def _drop_finished(self) -> None:
+        for s in self._running:
+            if s.cancelled and not s.done:
+                s.finish("cancelled")
+        keep = [i for i, s in enumerate(self._running) if not s.done]
+        if len(keep) == len(self._running):
+            return
+        if not keep:
+            self._running, self._cache, self._mask, self._plan = [], None, None, None
+            return
+        assert self._cache is not None and self._mask is not None
+        self._cache, self._mask = kv.select(self._cache, self._mask, keep)
+        self._running = [self._running[i] for i in keep]
+        self._plan = _plan_for([s.compiled for s in self._running], self.shape.d_model, self.lm.device)
+
+    def _fail_all(self, message: str) -> None:
+        for s in self._running:
+            if not s.done:
+                s.finish("error", error=message)
+        self._running, self._cache, self._mask, self._plan = [], None, None, None
+
+
+def _plan_for(compiled: list, d_model: int, device: Any) -> BatchPlan | None:
+    """None when no request reads or edits anything: the hooks then stay idle (bit-identical path)."""
+    if all(c.empty for c in compiled):
+        return None
+    return BatchPlan([None if c.empty else c for c in compiled], d_model, device)
+
+
+def _eos_ids(lm: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(lm.model, "generation_config", None), lm.tokenizer):
+        value = getattr(src, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids
