@@ -221,7 +221,7 @@ class HFEngine:
         for i, s in enumerate(new):
             last = {slot.name: reads[(slot.layer, slot.after_edits)][i * width + width - 1, slot.column].item()
                     for slot in (plan.read_slots[i] if plan is not None else [])}
-            s.take(self._sample(s, logits[i]), last, self.eos_ids)
+            s.take(self._sample(s, logits[i]), last, self._eos_for(s))
 
     def _decode(self) -> None:
         seqs = self._running
@@ -237,7 +237,7 @@ class HFEngine:
             s.position += 1
             slots = self._plan.read_slots[i] if self._plan is not None else []
             values = {slot.name: reads[(slot.layer, slot.after_edits)][i, slot.column].item() for slot in slots}
-            s.take(self._sample(s, logits[i]), values, self.eos_ids)
+            s.take(self._sample(s, logits[i]), values, self._eos_for(s))
         self.steps += 1
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
@@ -268,6 +268,9 @@ class HFEngine:
                   for slot in plan.read_slots[i]}
         toks = [self.lm.tokenizer.decode([t]) for t in s.prompt_ids]
         return PromptEvent(toks, list(s.prompt_ids), values)
+
+    def _eos_for(self, s: Sequence) -> set[int]:
+        return set() if s.req.sampling.ignore_eos else self.eos_ids
 
     def _sample(self, s: Sequence, logits: torch.Tensor) -> int:
         from service.engines.sampling import sample

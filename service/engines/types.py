@@ -32,6 +32,7 @@ class Sampling(BaseModel):
     max_tokens: int = Field(64, ge=1, le=32_768, description="generated tokens at most")
     stop: list[str] = Field(default_factory=list, max_length=8, description="stop strings (not included in output)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed of this request's sampler")
+    ignore_eos: bool = Field(False, description="keep generating past end-of-sequence (benchmarks, tests)")
 
     @field_validator("stop")
     @classmethod

@@ -1,0 +1,261 @@
+"""The HF engine on a tiny random LLaMA: parity with plain generate, batching, joining, cancelling,
+sampling, stop strings, readings and steering, and refusal of bad requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from monitors.capture import recording
+from monitors.probes import make_probe
+from service.engines.hf import EngineLimits, HFEngine
+from service.engines.types import FinalEvent, GenerationRequest, PromptEvent, Sampling, TokenEvent
+from service.models import encode_prompt
+from service.models.tiny import tiny_llama
+from steering.errors import InvalidArgument, LimitExceeded, NotFound
+from steering.spec import AblateEdit, AddEdit, InterventionSpec, ReadSpec
+from steering.vectors import make_vector
+
+PROMPTS = ["Hello there", "The quick brown fox jumps", "a", "Steering vectors change behaviour."]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_llama(n_layers=3, d_model=64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def engine(lm):
+    eng = HFEngine(lm, limits=EngineLimits(max_prompt_tokens=200, max_new_tokens=64, max_abs_coef=50))
+    g = torch.Generator().manual_seed(3)
+    eng.registry.add_vector("v", make_vector({layer: torch.randn(64, generator=g) * 4 for layer in range(3)}))
+    eng.registry.add_probe("p", make_probe(torch.randn(64, generator=g), 0.1, layer=1, name="p"))
+    with eng:
+        yield eng
+
+
+def tokens(events) -> list[int]:
+    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+
+
+def final(events) -> FinalEvent:
+    assert isinstance(events[-1], FinalEvent)
+    return events[-1]
+
+
+def req(prompt: str, n: int = 8, edits=(), reads=(), **sampling) -> GenerationRequest:
+    sampling.setdefault("ignore_eos", True)  # random weights hit EOS early; lengths must be predictable
+    return GenerationRequest(prompt=prompt, sampling=Sampling(max_tokens=n, **sampling),
+                             interventions=InterventionSpec(edits=list(edits), reads=list(reads)))
+
+
+def hf_greedy(lm, prompt: str, n: int) -> list[int]:
+    ids = torch.tensor([encode_prompt(lm.tokenizer, prompt)])
+    with torch.inference_mode():
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                eos_token_id=None, pad_token_id=lm.tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def run_concurrently(engine, requests):
+    results: dict[int, list] = {}
+
+    def go(i, r):
+        results[i] = engine.run(r)
+
+    threads = [threading.Thread(target=go, args=(i, r)) for i, r in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return [results[i] for i in range(len(requests))]
+
+
+def test_greedy_matches_plain_transformers_generate(engine, lm):
+    for p in PROMPTS:
+        assert tokens(engine.run(req(p, 10))) == hf_greedy(lm, p, 10)
+        got = tokens(engine.run(req(p, 10, ignore_eos=False)))
+        assert got == hf_greedy(lm, p, 10)[: len(got)]
+        assert len(got) == 10 or got[-1] in engine.eos_ids  # stops at EOS unless told otherwise
+
+
+def test_concurrent_requests_are_batched_and_equal_solo_runs(engine):
+    solo = [tokens(engine.run(req(p, 10))) for p in PROMPTS]
+    steps = engine.steps
+    together = run_concurrently(engine, [req(p, 10) for p in PROMPTS])
+    assert [tokens(e) for e in together] == solo
+    assert engine.steps - steps < 4 * 9, "requests ran one after another instead of in one batch"
+
+
+def test_unsteered_request_in_a_steered_batch_equals_its_solo_run(engine):
+    plain = tokens(engine.run(req(PROMPTS[1], 10)))
+    steered_solo = tokens(engine.run(req(PROMPTS[0], 10, [AddEdit(vector="v", coef=8.0)])))
+    mixed = run_concurrently(engine, [
+        req(PROMPTS[0], 10, [AddEdit(vector="v", coef=8.0)]),
+        req(PROMPTS[1], 10),
+        req(PROMPTS[2], 10, [AblateEdit(vector="v", layers="all")]),
+    ])
+    assert tokens(mixed[1]) == plain
+    assert tokens(mixed[0]) == steered_solo
+
+
+def test_steering_changes_the_generation(engine):
+    plain = tokens(engine.run(req(PROMPTS[3], 10)))
+    assert tokens(engine.run(req(PROMPTS[3], 10, [AddEdit(vector="v", coef=20.0)]))) != plain
+    assert tokens(engine.run(req(PROMPTS[3], 10, [AddEdit(vector="v", coef=0.0)]))) == plain
+
+
+def test_request_joins_a_running_batch_between_decode_steps(engine):
+    alone_b = tokens(engine.run(req(PROMPTS[1], 6)))
+    alone_a = tokens(engine.run(req(PROMPTS[0], 30)))
+    got: dict[str, list] = {"a": [], "b": []}
+    b_done = threading.Event()
+    a_done = threading.Event()
+
+    def on_a(ev):
+        got["a"].append(ev)
+        if isinstance(ev, TokenEvent) and ev.index == 3:
+            engine.submit(req(PROMPTS[1], 6), on_b)
+        if isinstance(ev, FinalEvent):
+            a_done.set()
+
+    def on_b(ev):
+        got["b"].append(ev)
+        if isinstance(ev, FinalEvent):
+            b_done.set()
+
+    engine.submit(req(PROMPTS[0], 30), on_a)
+    assert a_done.wait(60) and b_done.wait(60)
+    assert tokens(got["a"]) == alone_a and tokens(got["b"]) == alone_b
+    b_first = got["a"].index(next(e for e in got["a"] if isinstance(e, TokenEvent) and e.index == 3))
+    assert len(tokens(got["a"][b_first:])) > 6, "B should have finished while A was still running"
+
+
+def test_cancel_frees_the_slot_at_once(engine):
+    events: list = []
+    seen_two = threading.Event()
+
+    def on(ev):
+        events.append(ev)
+        if isinstance(ev, TokenEvent) and ev.index == 1:
+            seen_two.set()
+
+    handle = engine.submit(req(PROMPTS[0], 60), on)
+    assert seen_two.wait(30)
+    handle.cancel()
+    deadline = time.time() + 5
+    while not isinstance(events[-1], FinalEvent) and time.time() < deadline:
+        time.sleep(0.01)
+    assert final(events).finish_reason == "cancelled"
+    assert final(events).completion_tokens < 60
+    while engine.running and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0
+
+
+def test_sampling_is_seeded_per_request(engine):
+    a = tokens(engine.run(req(PROMPTS[0], 12, temperature=1.5, seed=7)))
+    b = tokens(engine.run(req(PROMPTS[0], 12, temperature=1.5, seed=7)))
+    c = tokens(engine.run(req(PROMPTS[0], 12, temperature=1.5, seed=8)))
+    assert a == b and a != c
+    greedy = tokens(engine.run(req(PROMPTS[0], 12)))
+    assert tokens(engine.run(req(PROMPTS[0], 12, temperature=1.0, top_k=1, seed=1))) == greedy
+    assert tokens(engine.run(req(PROMPTS[0], 12, temperature=1.0, top_p=1e-6, seed=1))) == greedy
+
+
+def test_stop_string_ends_the_generation_before_it(engine, lm):
+    text = final(engine.run(req("Hello there", 16))).text
+    visible = [i for i, ch in enumerate(text) if ch.isascii() and ch.isprintable() and i > 2]
+    if not visible:
+        pytest.skip("random model produced no ASCII to stop on")
+    cut = visible[0]
+    stop = text[cut]
+    fin = final(engine.run(req("Hello there", 16, stop=[stop])))
+    assert fin.finish_reason == "stop_string"
+    assert fin.text == text[: text.index(stop)]
+
+
+def test_readings_stream_per_token_and_match_a_reference(engine, lm):
+    reads = [ReadSpec(name="p", kind="probe", source="p"), ReadSpec(name="d", kind="direction", source="v", layer=2)]
+    events = engine.run(req(PROMPTS[1], 5, reads=reads))
+    prompt_ev = next(e for e in events if isinstance(e, PromptEvent))
+    ids = encode_prompt(lm.tokenizer, PROMPTS[1])
+    assert len(prompt_ev.readings["p"]) == len(ids)
+    gen = tokens(events)
+    with torch.inference_mode(), recording(lm.layers) as store:
+        lm.model(input_ids=torch.tensor([ids + gen]))
+    probe = engine.registry.probe("p")
+    ref_p = torch.sigmoid(store[1][0] @ probe.weight + probe.bias)
+    v = engine.registry.vector("v").at(2)
+    ref_d = store[2][0] @ (v / v.norm())
+    torch.testing.assert_close(torch.tensor(prompt_ev.readings["p"]), ref_p[: len(ids)], atol=1e-4, rtol=1e-4)
+    # a generated token carries the readings of the position that predicted it
+    tok_ev = [e for e in events if isinstance(e, TokenEvent)]
+    for k, ev in enumerate(tok_ev):
+        pos = len(ids) - 1 + k
+        assert ev.readings["p"] == pytest.approx(float(ref_p[pos]), abs=1e-4)
+        assert ev.readings["d"] == pytest.approx(float(ref_d[pos]), abs=1e-3, rel=1e-4)
+
+
+def test_no_entries_gives_logits_identical_to_the_unhooked_model(engine, lm):
+    from steering.batch import BatchPlan, row_of
+    from steering.compile import compile_spec
+
+    ids = torch.tensor([encode_prompt(lm.tokenizer, PROMPTS[3])])
+    with torch.inference_mode():
+        plain = lm.model(input_ids=ids).logits
+        steered = compile_spec(InterventionSpec(edits=[AddEdit(vector="v", coef=0.0)]), engine.registry, engine.shape)
+        plan = BatchPlan([steered, None], 64)
+        for slot in (0, 1):  # zero coefficient, and a slot with no entries at all
+            engine.hooks.set_step(plan, torch.full((ids.shape[1],), row_of(slot, "prompt")))
+            try:
+                hooked = lm.model(input_ids=ids).logits
+            finally:
+                engine.hooks.set_step(None, None)
+            assert torch.equal(hooked, plain)
+
+
+@pytest.mark.parametrize("bad, error, field", [
+    (req("x", edits=[AddEdit(vector="nope", coef=1.0)]), NotFound, "edits[0].vector"),
+    (req("x", edits=[AddEdit(vector="v", coef=1.0, layers=[3])]), InvalidArgument, "edits[0].layers"),
+    (req("x", edits=[AddEdit(vector="v", coef=51.0)]), LimitExceeded, "edits[0].coef"),
+    (req("x", reads=[ReadSpec(name="r", kind="direction", source="v", layer=-1)]), InvalidArgument, "reads[0].layer"),
+    (req("x" * 500), LimitExceeded, "prompt"),
+    (req("x", n=65), LimitExceeded, "sampling.max_tokens"),
+])
+def test_bad_requests_are_refused_alone(engine, bad, error, field):
+    events: list = []
+    good = engine.submit(req(PROMPTS[0], 20), events.append)
+    with pytest.raises(error) as info:
+        engine.submit(bad, lambda ev: None)
+    assert str(info.value).startswith(field) and info.value.field == field
+    deadline = time.time() + 30
+    while (not events or not isinstance(events[-1], FinalEvent)) and time.time() < deadline:
+        time.sleep(0.01)
+    assert final(events).finish_reason == "length"
+    del good
+
+
+def test_wrong_width_vector_is_refused_at_registration(engine):
+    with pytest.raises(InvalidArgument, match="d_model"):
+        engine.registry.add_vector("narrow", make_vector({0: torch.ones(32)}))
+    with pytest.raises(InvalidArgument, match="non-finite"):
+        make_vector({0: torch.tensor([1.0, float("nan")])})
+
+
+def test_four_bit_model_is_hooked_read_and_steered(tiny_dir):
+    pytest.importorskip("bitsandbytes")
+    from service.models import load_model
+
+    lm4 = load_model(str(tiny_dir), quantize="4bit", progress=False)
+    eng = HFEngine(lm4)
+    eng.registry.add_vector("v", make_vector({1: torch.randn(lm4.d_model, generator=torch.Generator().manual_seed(0)) * 20}))
+    reads = [ReadSpec(name="d", kind="direction", source="v", layer=1)]
+    with eng:
+        plain = eng.run(req(PROMPTS[0], 6, reads=reads))
+        steered = eng.run(req(PROMPTS[0], 6, [AddEdit(vector="v", coef=10.0)], reads=reads))
+    assert all(abs(e.readings["d"]) > 0 for e in plain if isinstance(e, TokenEvent))
+    assert tokens(plain) != tokens(steered)
