@@ -259,3 +259,29 @@ def test_four_bit_model_is_hooked_read_and_steered(tiny_dir):
         steered = eng.run(req(PROMPTS[0], 6, [AddEdit(vector="v", coef=10.0)], reads=reads))
     assert all(abs(e.readings["d"]) > 0 for e in plain if isinstance(e, TokenEvent))
     assert tokens(plain) != tokens(steered)
+
+
+def test_clamp_inside_the_model_reencodes_to_target(engine, lm):
+    from monitors.sae import build_sae, parse_config
+    from steering.batch import BatchPlan, row_of
+    from steering.compile import compile_spec
+    from steering.spec import ClampEdit
+
+    g = torch.Generator().manual_seed(5)
+    w_dec = torch.randn(32, 64, generator=g)
+    tensors = {"W_dec": w_dec, "W_enc": (w_dec / w_dec.norm(dim=-1, keepdim=True) ** 2).T.contiguous(),
+               "b_enc": torch.full((32,), 50.0), "b_dec": torch.zeros(64)}
+    cfg = {"architecture": "standard", "d_in": 64, "d_sae": 32, "apply_b_dec_to_input": True,
+           "normalize_activations": "none", "metadata": {"hook_name": "blocks.1.hook_resid_post"}}
+    sae = build_sae(parse_config(cfg, "t"), tensors, "t")
+    engine.registry.add_sae("tied", sae, replace=True)
+    c = compile_spec(InterventionSpec(edits=[ClampEdit(sae="tied", feature=4, value=80.0)]), engine.registry, engine.shape)
+    ids = torch.tensor([encode_prompt(lm.tokenizer, PROMPTS[1])])
+    with torch.inference_mode():
+        engine.hooks.set_step(BatchPlan([c], 64), torch.full((ids.shape[1],), row_of(0, "prompt")))
+        try:
+            with recording(lm.layers, [1]) as store:  # registered after the engine's hooks: sees the edit
+                lm.model(input_ids=ids)
+        finally:
+            engine.hooks.set_step(None, None)
+    torch.testing.assert_close(sae.encode(store[1][0])[:, 4], torch.full((ids.shape[1],), 80.0), atol=1e-3, rtol=1e-4)
