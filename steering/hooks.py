@@ -27,6 +27,10 @@ class LayerHooks:
         self.reads: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._handles: list[Any] = []
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
     def install(self) -> None:
         if self._handles:
             return

@@ -24,7 +24,7 @@ from service.engines.sequence import Sequence
 from service.engines.types import Event, FinalEvent, GenerationRequest, PromptEvent
 from steering.batch import BatchPlan, row_of
 from steering.compile import ModelShape, compile_spec
-from steering.errors import LimitExceeded, Unavailable, invalid
+from steering.errors import FailedPrecondition, LimitExceeded, Unavailable, invalid
 from steering.hooks import LayerHooks
 from steering.registry import Registry
 from steering.spec import Limits
@@ -55,13 +55,15 @@ class Handle:
 class HFEngine:
     """Batched generation with per-request reads and edits on a transformers model."""
 
-    def __init__(self, lm: Any, registry: Registry | None = None, limits: EngineLimits | None = None) -> None:
+    def __init__(self, lm: Any, registry: Registry | None = None, limits: EngineLimits | None = None,
+                 *, hooks: bool = True) -> None:
         self.lm = lm
         self.shape = ModelShape(lm.n_layers, lm.d_model)
         self.registry = registry or Registry(lm.d_model)
         self.limits = limits or EngineLimits()
         self.hooks = LayerHooks(lm.layers)
-        self.hooks.install()
+        if hooks:  # hooks=False is the plain engine that benchmarks compare against
+            self.hooks.install()
         self._waiting: queue.Queue[Sequence] = queue.Queue()
         self._running: list[Sequence] = []
         self._cache: DynamicCache | None = None
@@ -111,6 +113,8 @@ class HFEngine:
                                 f"allowed 1..{self.limits.max_new_tokens}", field="sampling.max_tokens")
         ids = self._encode(req)
         compiled = compile_spec(req.interventions, self.registry, self.shape, self.limits)
+        if not compiled.empty and not self.hooks.installed:
+            raise FailedPrecondition("interventions: this engine was built without hooks (plain baseline)")
         if self._waiting.qsize() >= self.limits.max_queue:
             raise Unavailable(f"engine: queue full ({self.limits.max_queue} waiting); retry later")
         seq = Sequence(req, compiled, ids, emit, self.lm.tokenizer)
