@@ -16,10 +16,14 @@ import torch
 class ReadSource(Protocol):
     """What the table needs of a resolved reading (steering.compile.ResolvedRead)."""
 
-    key: tuple[str, ...]
-    reader: Any
-    sae: Any
-    feature: int | None
+    @property
+    def key(self) -> tuple[str, ...]: ...
+    @property
+    def reader(self) -> Any: ...
+    @property
+    def sae(self) -> Any: ...
+    @property
+    def feature(self) -> int | None: ...
 
 
 @dataclass

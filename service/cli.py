@@ -127,13 +127,12 @@ def _vector_diff(args: argparse.Namespace) -> int:
     from service.cli_args import parse_layers
     from service.models import encode_prompt
     from steering.extract import mean_difference
+    from steering.tensors import require_index
     from steering.vectors import save_vector
 
     lm = _load(args)
     layers = parse_layers(args.layers, lm.n_layers, "--layers")
-    which = list(range(lm.n_layers)) if layers == "all" else list(layers)
-    from steering.tensors import require_index
-
+    which: list[int] = list(range(lm.n_layers)) if isinstance(layers, str) else layers
     for layer in which:
         require_index(layer, lm.n_layers, "--layers")
     vec = mean_difference(lm.model, lm.layers, lambda t: encode_prompt(lm.tokenizer, t), _texts(args.positive),

@@ -75,13 +75,13 @@ class SpecBuilder:
         lay = None if layers is None else parse_layers(layers, self.n_layers, "--steer")
         if lay == "all":
             lay = list(range(self.n_layers))
-        self.edits.append(AddEdit(vector=vid, coef=c, layers=lay))  # type: ignore[arg-type]
+        self.edits.append(AddEdit(vector=vid, coef=c, layers=lay))
 
     def ablate(self, text: str) -> None:
         path, layers = _split_at(text)
         vid = self._id("vector", path, lambda p: load_vector(p, "--ablate"))
         lay = "all" if layers is None else parse_layers(layers, self.n_layers, "--ablate")
-        self.edits.append(AblateEdit(vector=vid, layers=lay))  # type: ignore[arg-type]
+        self.edits.append(AblateEdit(vector=vid, layers=lay))
 
     def clamp(self, text: str) -> None:
         from monitors.sae import load_sae

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from steering.compile import PHASE_ROWS, CompiledRequest, LayerEdits, ResolvedRead
 from monitors.read_table import ReadTable, build_read_table
+from steering.compile import PHASE_ROWS, CompiledRequest, LayerEdits, ResolvedRead
 
 ROWS_PER_SLOT = len(PHASE_ROWS)
 

@@ -152,7 +152,10 @@ class HFEngine:
         """Async iterator over a request's events; closing it (client gone) cancels the request."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
-        handle = self.submit(req, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        def emit(ev: Event) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, ev)
+
+        handle = self.submit(req, emit)
         done = False
         try:
             while not done:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from typing import Any
+
 from transformers import DynamicCache
 
 
@@ -32,7 +34,9 @@ def merge(a: DynamicCache, mask_a: torch.Tensor, b: DynamicCache, mask_b: torch.
     """Concatenate two left-padded caches along the batch; returns (cache, attention mask [B, L])."""
     la, lb = mask_a.shape[1], mask_b.shape[1]
     length = max(la, lb)
-    for layer_a, layer_b in zip(a.layers, b.layers, strict=True):
+    layers_a: list[Any] = list(a.layers)  # DynamicLayer / DynamicSlidingWindowLayer
+    layers_b: list[Any] = list(b.layers)
+    for layer_a, layer_b in zip(layers_a, layers_b, strict=True):
         want = _stored(layer_a, length)
         ka = _pad_front(layer_a.keys, want - layer_a.keys.shape[-2])
         va = _pad_front(layer_a.values, want - layer_a.values.shape[-2])
@@ -52,7 +56,8 @@ def _pad_front_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
 def select(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> tuple[DynamicCache, torch.Tensor]:
     """Keep only batch rows ``keep``, then drop leading columns that are padding in every kept row."""
     idx = torch.tensor(keep, dtype=torch.long, device=mask.device)
-    for layer in cache.layers:
+    layers: list[Any] = list(cache.layers)
+    for layer in layers:
         layer.keys = layer.keys.index_select(0, idx.to(layer.keys.device))
         layer.values = layer.values.index_select(0, idx.to(layer.values.device))
     mask = mask.index_select(0, idx)
@@ -67,7 +72,8 @@ def trim(cache: DynamicCache, mask: torch.Tensor) -> tuple[DynamicCache, torch.T
         return cache, mask
     length = mask.shape[1]
     new_length = length - n
-    for layer in cache.layers:
+    layers: list[Any] = list(cache.layers)
+    for layer in layers:
         drop = layer.keys.shape[-2] - _stored(layer, new_length)
         if drop > 0:
             layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]

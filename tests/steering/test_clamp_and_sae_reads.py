@@ -11,7 +11,16 @@ from steering.compile import ModelShape, compile_spec
 from steering.errors import InvalidArgument, LimitExceeded
 from steering.registry import Registry
 from steering.spec import ClampEdit, InterventionSpec, Limits, ReadSpec
-from tests.monitors.test_sae_fixtures import D_IN, D_SAE, MODES, VARIANTS, make_cfg, make_tensors, make_x, ref_encode
+from tests.monitors.test_sae_fixtures import (
+    D_IN,
+    D_SAE,
+    MODES,
+    VARIANTS,
+    make_cfg,
+    make_tensors,
+    make_x,
+    ref_encode,
+)
 
 SHAPE = ModelShape(6, D_IN)
 
