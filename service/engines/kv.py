@@ -9,10 +9,10 @@ attention mask), and sliding-window layers keep at most ``window - 1`` positions
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 
