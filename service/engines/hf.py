@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from service.engines import kv
+from service.engines.sampling import sample
 from service.engines.sequence import Sequence
 from service.engines.types import Event, FinalEvent, GenerationRequest, PromptEvent
 from steering.batch import BatchPlan, row_of
@@ -185,6 +186,7 @@ class HFEngine:
         new = self._admit()
         if new:
             self._prefill(new)
+            self._drop_finished()  # ended at their first token (EOS, max_tokens=1, error)
         if self._running:
             self._decode()
         elif not new:
@@ -228,7 +230,7 @@ class HFEngine:
         for i, s in enumerate(new):
             last = {slot.name: reads[(slot.layer, slot.after_edits)][i * width + width - 1, slot.column].item()
                     for slot in (plan.read_slots[i] if plan is not None else [])}
-            s.take(self._sample(s, logits[i]), last, self._eos_for(s))
+            self._advance(s, logits[i], last)
 
     def _decode(self) -> None:
         seqs = self._running
@@ -244,7 +246,7 @@ class HFEngine:
             s.position += 1
             slots = self._plan.read_slots[i] if self._plan is not None else []
             values = {slot.name: reads[(slot.layer, slot.after_edits)][i, slot.column].item() for slot in slots}
-            s.take(self._sample(s, logits[i]), values, self._eos_for(s))
+            self._advance(s, logits[i], values)
         self.steps += 1
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
@@ -279,10 +281,13 @@ class HFEngine:
     def _eos_for(self, s: Sequence) -> set[int]:
         return set() if s.req.sampling.ignore_eos else self.eos_ids
 
-    def _sample(self, s: Sequence, logits: torch.Tensor) -> int:
-        from service.engines.sampling import sample
-
-        return sample(logits, s.req.sampling, s.generator)
+    def _advance(self, s: Sequence, logits: torch.Tensor, readings: dict[str, float]) -> None:
+        """Sample and record one token. A request whose logits went NaN/+inf (an edit too strong for the
+        model) ends alone with an error; the other rows of the batch are independent and carry on."""
+        if bool(torch.isnan(logits).any() or torch.isposinf(logits).any()):
+            s.finish("error", error="non-finite logits: an edit of this request is too strong for the model")
+            return
+        s.take(sample(logits, s.req.sampling, s.generator), readings, self._eos_for(s))
 
     def _merge(self, new: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         if self._cache is None or self._mask is None or not self._running:

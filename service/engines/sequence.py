@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from service.engines.sampling import make_generator
 from service.engines.types import Event, FinalEvent, FinishReason, GenerationRequest, TokenEvent
 from steering.compile import CompiledRequest
+
+log = logging.getLogger(__name__)
 
 
 class Sequence:
@@ -38,7 +41,7 @@ class Sequence:
             self.first_token_at = time.perf_counter()
         if token in eos:
             self.generated.append(token)
-            self.emit(TokenEvent(len(self.generated) - 1, token, "", "", readings))
+            self._send(TokenEvent(len(self.generated) - 1, token, "", "", readings))
             self.finish("stop", flush=True)
             return
         self.generated.append(token)
@@ -50,11 +53,19 @@ class Sequence:
         delta = visible[len(self.text):] if visible.startswith(self.text) else ""
         self.text += delta
         piece = self.tokenizer.decode([token])
-        self.emit(TokenEvent(len(self.generated) - 1, token, delta, piece, readings))
+        self._send(TokenEvent(len(self.generated) - 1, token, delta, piece, readings))
         if cut is not None:
             self.finish("stop_string")
         elif len(self.generated) >= self.req.sampling.max_tokens:
             self.finish("length", flush=True)
+
+    def _send(self, event: Event) -> None:
+        """Deliver an event; a consumer that raises loses its request, never the engine's batch."""
+        try:
+            self.emit(event)
+        except Exception:
+            log.exception("event consumer failed; cancelling its request")
+            self.cancelled = True
 
     def finish(self, reason: FinishReason, *, flush: bool = False, error: str | None = None) -> None:
         if self.done:
@@ -67,7 +78,7 @@ class Sequence:
         now = time.perf_counter()
         queue_s = (self.admitted_at or now) - self.submitted_at
         ttft = None if self.first_token_at is None else self.first_token_at - self.submitted_at
-        self.emit(FinalEvent(reason, self.text, len(self.prompt_ids), len(self.generated), queue_s, ttft,
+        self._send(FinalEvent(reason, self.text, len(self.prompt_ids), len(self.generated), queue_s, ttft,
                              now - self.submitted_at, list(self.compiled.applied), error))
 
 

@@ -285,3 +285,31 @@ def test_clamp_inside_the_model_reencodes_to_target(engine, lm):
         finally:
             engine.hooks.set_step(None, None)
     torch.testing.assert_close(sae.encode(store[1][0])[:, 4], torch.full((ids.shape[1],), 80.0), atol=1e-3, rtol=1e-4)
+
+
+def test_a_request_that_blows_up_its_logits_ends_alone(engine):
+    engine.registry.add_vector("huge", make_vector({1: torch.full((64,), 3e38)}), replace=True)
+    plain = tokens(engine.run(req(PROMPTS[1], 8)))
+    bad, good = run_concurrently(engine, [req(PROMPTS[0], 8, [AddEdit(vector="huge", coef=50.0)]), req(PROMPTS[1], 8)])
+    assert final(bad).finish_reason == "error" and "non-finite" in (final(bad).error or "")
+    assert tokens(good) == plain and final(good).finish_reason == "length"
+
+
+def test_a_consumer_that_raises_loses_only_its_request(engine):
+    def explode(ev):
+        raise RuntimeError("client bug")
+
+    engine.submit(req(PROMPTS[0], 30), explode)
+    assert tokens(engine.run(req(PROMPTS[2], 5))) == tokens(engine.run(req(PROMPTS[2], 5)))
+    deadline = time.time() + 5
+    while engine.running and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0
+
+
+def test_one_token_requests_end_after_exactly_one_token(engine):
+    results = run_concurrently(engine, [req(p, 1) for p in PROMPTS] + [req(PROMPTS[0], 5)])
+    for events in results[:-1]:
+        assert len(tokens(events)) == 1 and isinstance(events[-1], FinalEvent)
+        assert sum(isinstance(e, FinalEvent) for e in events) == 1
+    assert len(tokens(results[-1])) == 5
