@@ -27,7 +27,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise invalid("--top", f"{args.top} is out of range; allowed 1..50")
     with torch.inference_mode(), recording(lm.layers) as store:
         lm.model(input_ids=torch.tensor([ids], device=lm.device))
-    tokens = [lm.tokenizer.decode([t]) for t in ids]
+    tokens: list[str] = [str(lm.tokenizer.decode([t])) for t in ids]
     resid = torch.stack([store[layer][0, pos] for layer in range(lm.n_layers)])
     lens = logit_lens(resid, lm.final_norm, lm.lm_head, args.top)
     report: dict[str, Any] = {"model": lm.name, "tokens": tokens, "position": pos,

@@ -88,7 +88,9 @@ def test_tiny_lm_head_of_final_norm_gives_logits(tiny: LoadedModel) -> None:
     torch.testing.assert_close(rebuilt, logits)
 
 
-@pytest.mark.parametrize("text", ["Hello, wörld!", "plain ascii ~!@#$%^&*()", "日本語 🙂\n\ttab", " leading space"])
+@pytest.mark.parametrize(
+    "text", ["Hello, wörld!", "plain ascii ~!@#$%^&*()", "日本語 🙂\n\ttab", " leading space"]
+)
 def test_byte_tokenizer_round_trips(text: str) -> None:
     tok = byte_tokenizer()
     ids = tok(text).input_ids
@@ -139,7 +141,10 @@ def test_chat_fallback_format(tiny: LoadedModel) -> None:
     ]
     ids = encode_prompt(tok, messages)
     assert ids[0] == 256 and ids.count(256) == 1
-    assert tok.decode(ids[1:]) == "System: Be terse.\nUser: Name a colour.\nAssistant: Red.\nUser: Another?\nAssistant:"
+    assert (
+        tok.decode(ids[1:])
+        == "System: Be terse.\nUser: Name a colour.\nAssistant: Red.\nUser: Another?\nAssistant:"
+    )
     # chat_template=True wraps a plain string as one user message
     assert tok.decode(encode_prompt(tok, "hi", chat_template=True)[1:]) == "User: hi\nAssistant:"
     # a raw string stays raw by default
@@ -223,6 +228,13 @@ def test_load_model_quantized_on_cpu(tiny: LoadedModel, tiny_dir: Path, quantize
     assert _greedy(lm, "Hi", n=4) is not None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_load_model_cuda_without_cuda(tiny_dir: Path) -> None:
+    with pytest.raises(FailedPrecondition) as err:
+        load_model(str(tiny_dir), device="cuda", progress=False)
+    assert err.value.field == "device"
+
+
 def test_load_model_detects_missing_weights(tiny_dir: Path, tmp_path: Path) -> None:
     broken = save_tiny_llama(tmp_path / "broken")
     tensors = load_file(str(broken / "model.safetensors"))
@@ -288,6 +300,24 @@ def test_prepare_is_atomic_and_cached(monkeypatch: pytest.MonkeyPatch, tmp_path:
     (target / default_mod.MARKER).unlink()  # an interrupted/old cache is rebuilt
     prepare_default_model(tmp_path, quiet=True)
     assert len(calls) == 2 and is_prepared(target)
+
+
+def test_prepare_removes_abandoned_temp_dirs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    parent = default_model_dir(tmp_path).parent
+    parent.mkdir(parents=True)
+    old, fresh = parent / ".gemma3-270m.tmp-old", parent / ".gemma3-270m.tmp-live"
+    old.mkdir()
+    fresh.mkdir()
+    os.utime(old, (time.time() - 3 * 3600,) * 2)
+
+    def fake_build(out: Path, stages) -> None:
+        (out / default_mod.MARKER).write_text(json.dumps(default_mod._expected_marker()))
+
+    monkeypatch.setattr(default_mod, "_build", fake_build)
+    prepare_default_model(tmp_path, quiet=True)
+    assert not old.exists() and fresh.exists()  # a concurrent preparer's dir is left alone
 
 
 def test_prepare_failure_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
