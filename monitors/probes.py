@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from steering.errors import invalid
 from steering.tensors import checked
-from steering.vectors import read_metadata
+from steering.vectors import read_tensor_file
 
 Transform = Literal["sigmoid", "dot", "cosine"]
 TRANSFORMS: tuple[str, ...] = ("sigmoid", "dot", "cosine")
@@ -104,13 +103,7 @@ def save_probe(probe: LinearReader, path: str | Path, *, model: str = "") -> Non
 def load_probe(path: str | Path, field_name: str = "probe") -> LinearReader:
     """Read and validate a probe file."""
     p = Path(path)
-    if not p.is_file():
-        raise invalid(field_name, f"file {str(p)!r} does not exist")
-    try:
-        t = load_file(str(p))
-        meta = read_metadata(p)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise invalid(field_name, f"{str(p)!r} is not a readable safetensors file ({exc})") from exc
+    t, meta = read_tensor_file(p, field_name)
     if "weight" not in t:
         raise invalid(field_name, f"{str(p)!r} has no 'weight' tensor (found {sorted(t)})")
     bias = t.get("bias", torch.zeros(1)).reshape(-1)

@@ -83,13 +83,7 @@ def save_vector(vec: SteeringVector, path: str | Path) -> None:
 def load_vector(path: str | Path, field_name: str = "vector") -> SteeringVector:
     """Read and validate a vector file; errors name the file and the offending tensor."""
     p = Path(path)
-    if not p.is_file():
-        raise invalid(field_name, f"file {str(p)!r} does not exist")
-    try:
-        tensors = load_file(str(p))
-        meta = read_metadata(p)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise invalid(field_name, f"{str(p)!r} is not a readable safetensors file ({exc})") from exc
+    tensors, meta = read_tensor_file(p, field_name)
     per_layer = {}
     for name, t in tensors.items():
         if not name.startswith("layer.") or not name[6:].isdigit():
@@ -98,6 +92,16 @@ def load_vector(path: str | Path, field_name: str = "vector") -> SteeringVector:
     vec = make_vector(per_layer, model=meta.get("model", ""), method=meta.get("method", "manual"),
                       source=meta.get("source", ""), field_name=field_name)
     return SteeringVector(vec.per_layer, vec.d_model, vec.model, vec.method, vec.source, meta)
+
+
+def read_tensor_file(path: Path, field_name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a safetensors file; a missing or corrupt file is InvalidArgument."""
+    if not path.is_file():
+        raise invalid(field_name, f"file {str(path)!r} does not exist")
+    try:
+        return load_file(str(path)), read_metadata(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise invalid(field_name, f"{str(path)!r} is not a readable safetensors file ({exc})") from exc
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
