@@ -313,3 +313,31 @@ def test_one_token_requests_end_after_exactly_one_token(engine):
         assert len(tokens(events)) == 1 and isinstance(events[-1], FinalEvent)
         assert sum(isinstance(e, FinalEvent) for e in events) == 1
     assert len(tokens(results[-1])) == 5
+
+
+def test_more_requests_than_slots_queue_and_all_finish_correctly(lm):
+    eng = HFEngine(lm, limits=EngineLimits(max_batch=2))
+    with eng:
+        solo = [tokens(eng.run(req(p, 6))) for p in PROMPTS]
+        assert [tokens(e) for e in run_concurrently(eng, [req(p, 6) for p in PROMPTS])] == solo
+
+
+def test_closing_the_async_stream_cancels_the_request(engine):
+    import asyncio
+
+    async def consume_two() -> list:
+        got = []
+        stream = engine.generate(req(PROMPTS[0], 60))
+        async for ev in stream:
+            got.append(ev)
+            if len(tokens(got)) == 2:
+                break
+        await stream.aclose()  # what a gRPC servicer does when its client goes away
+        return got
+
+    got = asyncio.run(consume_two())
+    assert len(tokens(got)) == 2
+    deadline = time.time() + 5
+    while engine.running and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0
