@@ -180,6 +180,18 @@ class HFEngine:
                 except Exception:  # a step failed: end its requests, keep serving others
                     log.exception("engine step failed")
                     self._fail_all("internal error in the engine step")
+        self._end_all_on_stop()
+
+    def _end_all_on_stop(self) -> None:
+        """Nobody waits forever on a stopped engine: running and queued requests end as cancelled."""
+        for s in self._running:
+            s.finish("cancelled", error="engine stopped")
+        while True:
+            try:
+                self._waiting.get_nowait().finish("cancelled", error="engine stopped")
+            except queue.Empty:
+                break
+        self._running, self._cache, self._mask, self._plan = [], None, None, None
 
     def _turn(self) -> None:
         self._drop_finished()

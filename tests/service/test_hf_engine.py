@@ -341,3 +341,16 @@ def test_closing_the_async_stream_cancels_the_request(engine):
     while engine.running and time.time() < deadline:
         time.sleep(0.01)
     assert engine.running == 0
+
+
+def test_stopping_the_engine_ends_every_request(lm):
+    eng = HFEngine(lm, limits=EngineLimits(max_batch=1)).start()
+    events: list[list] = [[], []]
+    eng.submit(req(PROMPTS[0], 60), events[0].append)
+    eng.submit(req(PROMPTS[1], 60), events[1].append)  # waits in the queue (one slot)
+    deadline = time.time() + 10
+    while not tokens(events[0]) and time.time() < deadline:
+        time.sleep(0.01)
+    eng.stop()
+    for evs in events:
+        assert final(evs).finish_reason == "cancelled"
