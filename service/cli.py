@@ -180,6 +180,8 @@ def _generate(args: argparse.Namespace) -> int:
                     view.token(ev.text, ev.readings)
             elif isinstance(ev, FinalEvent):
                 final = ev
+                if not args.json:
+                    view.token(ev.tail, {})
     assert final is not None
     if args.json:
         print(json.dumps(_json_result(lm, args.prompt, final, tokens, prompt)))

@@ -63,8 +63,7 @@ class HFEngine:
         self.registry = registry or Registry(lm.d_model)
         self.limits = limits or EngineLimits()
         self.hooks = LayerHooks(lm.layers)
-        if hooks:  # hooks=False is the plain engine that benchmarks compare against
-            self.hooks.install()
+        self._with_hooks = hooks  # False: the plain engine that benchmarks compare against
         self._waiting: queue.Queue[Sequence] = queue.Queue()
         self._running: list[Sequence] = []
         self._cache: DynamicCache | None = None
@@ -78,7 +77,11 @@ class HFEngine:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> HFEngine:
+        """Install the hooks and start the worker; an engine may be stopped and started again."""
         if self._thread is None:
+            self._stop.clear()
+            if self._with_hooks:
+                self.hooks.install()
             self._thread = threading.Thread(target=self._loop, name="steerwatch-hf-engine", daemon=True)
             self._thread.start()
         return self
@@ -89,6 +92,7 @@ class HFEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self.hooks.remove()  # a stopped engine leaves the model exactly as it found it
 
     def __enter__(self) -> HFEngine:
         return self.start()
@@ -114,7 +118,7 @@ class HFEngine:
                                 f"allowed 1..{self.limits.max_new_tokens}", field="sampling.max_tokens")
         ids = self._encode(req)
         compiled = compile_spec(req.interventions, self.registry, self.shape, self.limits)
-        if not compiled.empty and not self.hooks.installed:
+        if not compiled.empty and not self._with_hooks:
             raise FailedPrecondition("interventions: this engine was built without hooks (plain baseline)")
         if self._waiting.qsize() >= self.limits.max_queue:
             raise Unavailable(f"engine: queue full ({self.limits.max_queue} waiting); retry later")

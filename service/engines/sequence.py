@@ -24,6 +24,9 @@ class Sequence:
         self.generator = make_generator(req.sampling)
         self.generated: list[int] = []
         self.text = ""  # text emitted so far
+        self.decoded = ""  # text decoded so far (may run ahead of ``text`` while a stop string could start)
+        self._prefix = 0  # incremental detokenization offsets into ``generated``
+        self._read = 0
         self.position = 0  # next absolute position in the cache
         self.cancelled = False
         self.done = False
@@ -39,25 +42,40 @@ class Sequence:
         """Record a sampled token, stream its event, and finish when a stop condition holds."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        self.generated.append(token)
         if token in eos:
-            self.generated.append(token)
             self._send(TokenEvent(len(self.generated) - 1, token, "", "", readings))
             self.finish("stop", flush=True)
             return
-        self.generated.append(token)
-        full = self.tokenizer.decode(self.generated[:], skip_special_tokens=True)
-        cut = _first_stop(full, self.req.sampling.stop)
-        visible = full[:cut] if cut is not None else full[: len(full) - _holdback(full, self.req.sampling.stop)]
-        if visible.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            visible = self.text
-        delta = visible[len(self.text):] if visible.startswith(self.text) else ""
+        grown = self._detokenize()
+        stops = self.req.sampling.stop
+        # a stop string can only end in the new text or straddle into it from the last few characters
+        search_from = max(0, len(self.decoded) - len(grown) - max((len(x) for x in stops), default=0))
+        cut = _first_stop(self.decoded, stops, search_from)
+        visible = self.decoded[:cut] if cut is not None else self.decoded[: len(self.decoded) - _holdback(self.decoded, stops)]
+        delta = visible[len(self.text):]
         self.text += delta
-        piece = self.tokenizer.decode([token])
-        self._send(TokenEvent(len(self.generated) - 1, token, delta, piece, readings))
+        self._send(TokenEvent(len(self.generated) - 1, token, delta, self.tokenizer.decode([token]), readings))
         if cut is not None:
             self.finish("stop_string")
         elif len(self.generated) >= self.req.sampling.max_tokens:
             self.finish("length", flush=True)
+
+    def _detokenize(self) -> str:
+        """Append the text the newest token completes to ``decoded`` and return it.
+
+        Incremental, as in vLLM's detokenizer: only tokens after ``_prefix`` are decoded each step, so
+        the cost stays flat with output length; a token that ends mid-character adds nothing until the
+        character completes.
+        """
+        prefix = self.tokenizer.decode(self.generated[self._prefix:self._read], skip_special_tokens=True)
+        full = self.tokenizer.decode(self.generated[self._prefix:], skip_special_tokens=True)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        grown = full[len(prefix):]
+        self.decoded += grown
+        self._prefix, self._read = self._read, len(self.generated)
+        return grown
 
     def _send(self, event: Event) -> None:
         """Deliver an event; a consumer that raises loses its request, never the engine's batch."""
@@ -71,19 +89,21 @@ class Sequence:
         if self.done:
             return
         self.done = True
+        tail = ""
         if flush:
             full = self.tokenizer.decode(self.generated, skip_special_tokens=True)
             if full.startswith(self.text) and len(full) > len(self.text):
-                self.text = full  # text held back for a stop string that never completed
+                tail = full[len(self.text):]  # held back for a stop string that never completed
+                self.text = full
         now = time.perf_counter()
         queue_s = (self.admitted_at or now) - self.submitted_at
         ttft = None if self.first_token_at is None else self.first_token_at - self.submitted_at
         self._send(FinalEvent(reason, self.text, len(self.prompt_ids), len(self.generated), queue_s, ttft,
-                             now - self.submitted_at, list(self.compiled.applied), error))
+                             now - self.submitted_at, list(self.compiled.applied), error, tail))
 
 
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+def _first_stop(text: str, stops: list[str], start: int = 0) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(hits) if hits else None
 
 

@@ -83,7 +83,11 @@ class TokenEvent:
 
 @dataclass
 class FinalEvent:
-    """The end of a generation: why it stopped, usage, timings and what was applied."""
+    """The end of a generation: why it stopped, usage, timings and what was applied.
+
+    ``text`` is the whole output. ``tail`` is the part of it that no TokenEvent streamed (text held
+    back because it could have been the start of a stop string): streamed deltas + tail == text.
+    """
 
     finish_reason: FinishReason
     text: str
@@ -94,6 +98,7 @@ class FinalEvent:
     total_s: float
     applied: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    tail: str = ""
 
 
 Event = PromptEvent | TokenEvent | FinalEvent

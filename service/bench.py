@@ -1,0 +1,558 @@
+"""``steerwatch bench``: throughput and latency of steerwatch configurations against the plain engine.
+
+Every row runs in one process on one loaded model, side by side with its baseline: the plain engine
+(``HFEngine(hooks=False)``: the same batching loop with no hooks installed) at the same batch size.
+Each configuration generates exactly ``max_tokens`` tokens per request (``ignore_eos``), so rows differ
+only in what the hooks do. Per measured run:
+
+* wall: from the first ``submit`` to the last ``FinalEvent``; tokens/s = generated tokens / wall;
+* TTFT: from the first ``submit`` to a request's first ``TokenEvent`` (includes validation, compiling the
+  interventions, prefill and the first sample), averaged over the batch;
+* TPOT: (last token time - first token time) / (tokens - 1) per request, i.e. decode steps only,
+  averaged over the batch.
+
+A batch's requests are all submitted before the engine's worker starts, so they are admitted and
+prefilled together. Each run gets a fresh engine whose hooks are removed afterwards (a stopped engine
+would otherwise leave idle hooks on the shared model and slow down the plain rows). Rows are warmed up
+once, then measured ``repeats`` times, interleaved (reversed order on odd repeats); the table shows
+the median of each metric, TPOT's spread, and how many cores other processes used meanwhile (a shared
+machine's noise). Steering vectors, the probe and the SAE have random weights: the cost of the core
+does not depend on their values. docs/benchmarks.md has the rows, a measured table and its reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from monitors.probes import make_probe
+from monitors.sae import load_sae, save_sae
+from service.engines.hf import EngineLimits, HFEngine
+from service.engines.types import Event, FinalEvent, GenerationRequest, Sampling, TokenEvent
+from steering.errors import invalid
+from steering.registry import Registry
+from steering.spec import AblateEdit, AddEdit, ClampEdit, Edit, InterventionSpec, ReadSpec
+from steering.vectors import make_vector
+
+PROMPT = ("The printing press changed how ideas spread across Europe. Within fifty years of its invention, "
+          "printers in dozens of cities")
+MONITOR_LAYER = 6  # the layer of the one-layer rows (clamped to the model's last layer)
+SAE_WIDTH = 16384  # Gemma Scope width for Gemma 3 270M
+SAE_FEATURES = 16  # features monitored by the "monitoring" row
+RUN_TIMEOUT_S = 1800.0
+
+PLAIN = "plain engine"
+GENERATE = "transformers generate (reference)"
+
+
+# ---- what is measured ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row: a batch of requests (one InterventionSpec each) on a plain or hooked engine.
+
+    ``engine`` False means plain ``model.generate`` (batch 1 only), a reference for the loop itself.
+    """
+
+    name: str
+    specs: tuple[InterventionSpec, ...]
+    hooks: bool = True
+    engine: bool = True
+
+    @property
+    def batch(self) -> int:
+        return len(self.specs)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One run of a scenario. ``others_cores``: CPU used meanwhile by other processes, in cores."""
+
+    tokens: int
+    wall_s: float
+    ttft_s: float
+    tpot_s: float
+    others_cores: float = float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """The median of a scenario's runs, and its ratios to the plain engine at the same batch size."""
+
+    name: str
+    batch: int
+    tokens_per_s: float
+    tpot_ms: float
+    ttft_ms: float
+    speed_ratio: float  # tokens/s relative to plain (1.0 = as fast)
+    tpot_ratio: float  # TPOT relative to plain (1.0 = same per-token latency)
+    ttft_ratio: float
+    others_cores: float  # median CPU other processes used during the runs (contention), in cores
+    runs: int
+    tpot_min_ms: float = float("nan")  # spread of TPOT over the runs
+    tpot_max_ms: float = float("nan")
+
+
+@dataclass
+class BenchResult:
+    """Rows in display order plus the description of the machine and run."""
+
+    rows: list[Row]
+    info: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Registry ids of the bench's random vectors, probe and SAE, and where they act."""
+
+    layer: int
+    n_layers: int
+    vectors: tuple[str, ...] = ("caa.a", "caa.b", "caa.c")
+    direction: str = "dir"
+    probe: str = "probe"
+    sae: str = "sae"
+    features: tuple[int, ...] = ()
+
+
+# ---- sources: random vectors, probe and a SAELens-format SAE ---------------------------------------
+
+def bench_layer(n_layers: int) -> int:
+    """The layer of the one-layer rows: 6, or the last layer of a smaller model."""
+    return min(MONITOR_LAYER, n_layers - 1)
+
+
+def random_sae_dir(root: Path, d_in: int, d_sae: int, layer: int, *, model: str = "", seed: int = 0) -> Path:
+    """Write a random-weight JumpReLU SAE in SAELens format under ``root``; returns its directory."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "W_enc": torch.randn(d_in, d_sae, generator=g) / math.sqrt(d_in),
+        "W_dec": torch.randn(d_sae, d_in, generator=g) / math.sqrt(d_in),
+        "b_enc": torch.zeros(d_sae),
+        "threshold": torch.full((d_sae,), 0.1),
+        "b_dec": torch.zeros(d_in),
+    }
+    cfg = {"architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
+           "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "metadata": {"model_name": model, "hook_name": f"blocks.{layer}.hook_resid_post"}}
+    out = root / "sae"
+    save_sae(tensors, cfg, out)
+    return out
+
+
+def register_sources(registry: Registry, n_layers: int, d_model: int, workdir: Path, *,
+                     d_sae: int = SAE_WIDTH, device: torch.device | str = "cpu", model: str = "",
+                     seed: int = 0) -> Sources:
+    """Register random CAA vectors (every layer), an ablation direction, a probe and an SAE."""
+    layer = bench_layer(n_layers)
+    g = torch.Generator().manual_seed(seed)
+    src = Sources(layer, n_layers, features=_spread(d_sae, SAE_FEATURES))
+
+    def unit() -> torch.Tensor:
+        v = torch.randn(d_model, generator=g)
+        return v / v.norm()
+
+    for name in src.vectors:
+        registry.add_vector(name, make_vector({i: unit() for i in range(n_layers)}, method="random"))
+    registry.add_vector(src.direction, make_vector({layer: unit()}, method="random"))
+    registry.add_probe(src.probe, make_probe(unit(), 0.0, layer=layer, name="bench-probe"))
+    sae_dir = random_sae_dir(workdir, d_model, d_sae, layer, model=model, seed=seed + 1)
+    registry.add_sae(src.sae, load_sae(sae_dir, device=device))
+    return src
+
+
+def _spread(d_sae: int, n: int) -> tuple[int, ...]:
+    """``n`` feature indices spread over 0..d_sae-1 (fewer when the SAE is narrower)."""
+    step = max(d_sae // n, 1)
+    return tuple(range(0, d_sae, step))[:n]
+
+
+# ---- interventions ---------------------------------------------------------------------------------
+
+def monitor_spec(src: Sources, features: Sequence[int] | None = None, *, probe: bool = True) -> InterventionSpec:
+    """One linear probe plus SAE feature readings at the bench layer."""
+    feats = src.features if features is None else features
+    reads = [ReadSpec(name="probe", kind="probe", source=src.probe, layer=src.layer)] if probe else []
+    reads += [ReadSpec(name=f"sae.{f}", kind="sae_feature", source=src.sae, feature=f) for f in feats]
+    return InterventionSpec(reads=reads)
+
+
+def caa_spec(src: Sources, coef: float = 4.0, layers: list[int] | None = None, vector: int = 0) -> InterventionSpec:
+    """Contrastive activation addition; ``layers`` None = one layer (the bench layer)."""
+    return InterventionSpec(edits=[_add(src, vector, coef, layers or [src.layer])])
+
+
+def caa_ablate_all_spec(src: Sources, coef: float = 4.0) -> InterventionSpec:
+    """CAA and directional ablation, both on every layer."""
+    every = list(range(src.n_layers))
+    return InterventionSpec(edits=[_add(src, 0, coef, every), AblateEdit(vector=src.direction, layers="all")])
+
+
+def _add(src: Sources, vector: int, coef: float, layers: list[int]) -> AddEdit:
+    return AddEdit(vector=src.vectors[vector % len(src.vectors)], coef=coef,
+                   layers=sorted({layer % src.n_layers for layer in layers}))
+
+
+def mixed_specs(src: Sources, n: int) -> list[InterventionSpec]:
+    """``n`` different configurations: plain, CAA (various vectors/coefs/layers), ablation, probe and
+    SAE monitoring, an SAE clamp, and combinations. Beyond 16 the mix repeats with other coefficients."""
+    specs = []
+    for i in range(n):
+        edits, reads = _mixed(src, i % 16, 1.0 + 0.25 * (i // 16))
+        specs.append(InterventionSpec(edits=edits, reads=reads))
+    return specs
+
+
+def _mixed(src: Sources, k: int, scale: float) -> tuple[list[Edit], list[ReadSpec]]:
+    """The k-th configuration of the mixed batch (k in 0..15)."""
+    L, last = src.layer, src.n_layers - 1
+    probe = [ReadSpec(name="probe", kind="probe", source=src.probe, layer=L)]
+    probe_after = [ReadSpec(name="probe", kind="probe", source=src.probe, layer=L, after_edits=True)]
+    sae_reads = list(monitor_spec(src, probe=False).reads)
+    ablate_all = AblateEdit(vector=src.direction, layers="all")
+    table: list[tuple[list[Edit], list[ReadSpec]]] = [
+        ([], []),                                                               # plain
+        ([_add(src, 0, 4.0 * scale, [L])], []),                                 # CAA at L
+        ([_add(src, 1, -2.0 * scale, [L + 2])], []),                            # other vector, layer, sign
+        ([_add(src, 2, 1.0 * scale, list(range(src.n_layers)))], []),          # CAA on every layer
+        ([ablate_all], []),                                                     # ablation everywhere
+        ([AblateEdit(vector=src.direction, layers=sorted({L, (L + 1) % (last + 1)}))], []),
+        ([], probe),                                                            # probe only
+        ([], sae_reads),                                                        # 16 SAE features
+        ([], probe + sae_reads),                                                # the monitoring row
+        ([_add(src, 0, 4.0 * scale, list(range(src.n_layers))), ablate_all], []),  # CAA + ablation
+        ([_add(src, 1, 3.0 * scale, [L])], probe_after),                        # steer and watch it
+        ([], []),                                                               # plain
+        ([ClampEdit(sae=src.sae, feature=src.features[0], value=5.0 * scale)], probe),  # SAE clamp
+        ([_add(src, 2, 2.0 * scale, [L + 4])],
+         [ReadSpec(name="dir", kind="direction", source=src.direction, layer=(L + 4) % (last + 1),
+                   metric="cosine")]),                                          # direction monitor
+        ([_add(src, 0, -1.0 * scale, [max(L - 2, 0), L, L + 2])], sae_reads[:4]),
+        ([AblateEdit(vector=src.direction, layers=[L]), _add(src, 1, 2.0 * scale, [L + 1])], []),
+    ]
+    return table[k]
+
+
+def scenarios(src: Sources, batch: int, *, generate_reference: bool = True) -> list[Scenario]:
+    """The rows of the table, in display order."""
+    empty = InterventionSpec()
+    rows = [
+        Scenario(PLAIN, (empty,), hooks=False),
+        Scenario("hooks installed, idle", (empty,)),
+        Scenario(f"monitoring: probe + {len(src.features)} SAE features @L{src.layer}", (monitor_spec(src),)),
+        Scenario(f"CAA @L{src.layer}", (caa_spec(src),)),
+        Scenario(f"CAA + ablation, all {src.n_layers} layers", (caa_ablate_all_spec(src),)),
+    ]
+    if generate_reference:
+        rows.append(Scenario(GENERATE, (empty,), hooks=False, engine=False))
+    rows += [
+        Scenario(PLAIN, (empty,) * batch, hooks=False),
+        Scenario(f"{batch} different configurations", tuple(mixed_specs(src, batch))),
+    ]
+    return rows
+
+
+# ---- measuring one run ----------------------------------------------------------------------------
+
+class _Recorder:
+    """Collects event arrival times for a batch of requests (emit runs on the engine thread)."""
+
+    def __init__(self, n: int) -> None:
+        self.token_times: list[list[float]] = [[] for _ in range(n)]
+        self.finals: list[FinalEvent | None] = [None] * n
+        self.last_final = 0.0
+        self._left = n
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+
+    def emitter(self, i: int) -> Callable[[Event], None]:
+        def emit(ev: Event) -> None:
+            now = time.perf_counter()
+            if isinstance(ev, TokenEvent):
+                self.token_times[i].append(now)
+            elif isinstance(ev, FinalEvent):
+                self.finals[i] = ev
+                with self._lock:
+                    self.last_final = max(self.last_final, now)
+                    self._left -= 1
+                    if self._left == 0:
+                        self.done.set()
+
+        return emit
+
+    def measurement(self, t0: float) -> Measurement:
+        for f in self.finals:
+            if f is None or f.finish_reason != "length":
+                reason = "missing" if f is None else f"{f.finish_reason}: {f.error or ''}"
+                raise RuntimeError(f"bench: a request did not run to max_tokens ({reason})")
+        return timings(self.token_times, t0, self.last_final)
+
+
+def timings(token_times: Sequence[Sequence[float]], t0: float, end: float) -> Measurement:
+    """Measurement from per-request token arrival times, the batch start ``t0`` and its end."""
+    ttft = [times[0] - t0 for times in token_times]
+    tpot = [(times[-1] - times[0]) / (len(times) - 1) for times in token_times if len(times) > 1]
+    return Measurement(sum(len(t) for t in token_times), end - t0, statistics.fmean(ttft),
+                       statistics.fmean(tpot) if tpot else float("nan"))
+
+
+def bench_limits(batch: int, max_tokens: int) -> EngineLimits:
+    """Engine limits roomy enough for the bench's batch and length."""
+    return EngineLimits(max_batch=max(16, batch), max_queue=max(256, batch),
+                        max_new_tokens=max(2048, max_tokens))
+
+
+def request(prompt: str, max_tokens: int, spec: InterventionSpec) -> GenerationRequest:
+    """A greedy request that generates exactly ``max_tokens`` tokens."""
+    return GenerationRequest(prompt=prompt, sampling=Sampling(max_tokens=max_tokens, ignore_eos=True),
+                             interventions=spec)
+
+
+def measure_engine(lm: Any, registry: Registry, scenario: Scenario, prompt: str, max_tokens: int) -> Measurement:
+    """Run a scenario's batch on a fresh engine: submit all, then start the worker, then wait."""
+    engine = HFEngine(lm, registry, bench_limits(scenario.batch, max_tokens), hooks=scenario.hooks)
+    rec = _Recorder(scenario.batch)
+    try:
+        t0 = time.perf_counter()
+        for i, spec in enumerate(scenario.specs):
+            engine.submit(request(prompt, max_tokens, spec), rec.emitter(i))
+        engine.start()
+        if not rec.done.wait(RUN_TIMEOUT_S):
+            raise RuntimeError(f"bench: {scenario.name!r} did not finish within {RUN_TIMEOUT_S:.0f} s")
+    finally:
+        engine.stop()
+        engine.hooks.remove()
+    return rec.measurement(t0)
+
+
+def measure_generate(lm: Any, prompt: str, max_tokens: int) -> Measurement:
+    """Plain ``model.generate`` (greedy, batch 1, DynamicCache), timed through a streamer."""
+    from transformers.generation.streamers import BaseStreamer
+
+    from service.models import encode_prompt
+    from service.models._progress import quiet_transformers
+
+    class _Times(BaseStreamer):
+        def __init__(self) -> None:
+            self.calls: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.calls.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    streamer = _Times()
+    t0 = time.perf_counter()
+    ids = torch.tensor([encode_prompt(lm.tokenizer, prompt)], device=lm.device)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    with torch.inference_mode(), quiet_transformers(errors_only=True):
+        lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                          min_new_tokens=max_tokens, do_sample=False, pad_token_id=pad, streamer=streamer)
+    times = streamer.calls[1:]  # the first put is the prompt
+    if len(times) != max_tokens:
+        raise RuntimeError(f"bench: generate produced {len(times)} tokens, expected {max_tokens}")
+    return timings([times], t0, times[-1])
+
+
+def measure(lm: Any, registry: Registry, scenario: Scenario, prompt: str, max_tokens: int) -> Measurement:
+    """One run of ``scenario``, with the CPU other processes took meanwhile."""
+    busy0, own0, t0 = system_busy_s(), time.process_time(), time.perf_counter()
+    if scenario.engine:
+        m = measure_engine(lm, registry, scenario, prompt, max_tokens)
+    else:
+        m = measure_generate(lm, prompt, max_tokens)
+    busy1, own1, t1 = system_busy_s(), time.process_time(), time.perf_counter()
+    others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
+    return dataclasses.replace(m, others_cores=others)
+
+
+def system_busy_s() -> float:
+    """Busy CPU seconds of the whole machine since boot, all cores (user, system, irq, steal);
+    NaN where /proc/stat is not available."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields)
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+# ---- the whole bench ---------------------------------------------------------------------------------
+
+def run_scenarios(lm: Any, registry: Registry, rows: list[Scenario], *, prompt: str, max_tokens: int,
+                  repeats: int, warmup_tokens: int = 4,
+                  progress: Callable[[str], None] | None = None) -> list[list[Measurement]]:
+    """Warm every scenario up once, then measure them ``repeats`` times, interleaved."""
+    say = progress or (lambda _msg: None)
+    for sc in rows:
+        say(f"warm-up: {sc.name} (batch {sc.batch})")
+        measure(lm, registry, sc, prompt, max(2, min(warmup_tokens, max_tokens)))
+    runs: list[list[Measurement]] = [[] for _ in rows]
+    for r in range(repeats):
+        order = list(range(len(rows)))
+        if r % 2:
+            order.reverse()  # alternate the order so a slow drift does not favour one row
+        for i in order:
+            m = measure(lm, registry, rows[i], prompt, max_tokens)
+            runs[i].append(m)
+            say(f"run {r + 1}/{repeats}: {rows[i].name} (batch {rows[i].batch}): "
+                f"{m.tokens_per_s:.2f} tok/s, TPOT {m.tpot_s * 1e3:.1f} ms, TTFT {m.ttft_s * 1e3:.0f} ms, "
+                f"other processes {m.others_cores:.2f} cores")
+    return runs
+
+
+def summarize(rows: list[Scenario], runs: list[list[Measurement]]) -> list[Row]:
+    """Median per metric, and ratios to the plain engine row of the same batch size."""
+    med = [(statistics.median(m.tokens_per_s for m in ms), statistics.median(m.tpot_s for m in ms),
+            statistics.median(m.ttft_s for m in ms)) for ms in runs]
+    others = [statistics.median(m.others_cores for m in ms) for ms in runs]
+    plain = {sc.batch: med[i] for i, sc in enumerate(rows) if sc.engine and not sc.hooks}
+    out = []
+    for sc, (tps, tpot, ttft), busy, ms in zip(rows, med, others, runs, strict=True):
+        base = plain.get(sc.batch, (tps, tpot, ttft))
+        out.append(Row(sc.name, sc.batch, tps, tpot * 1e3, ttft * 1e3, _ratio(tps, base[0]),
+                       _ratio(tpot, base[1]), _ratio(ttft, base[2]), busy, len(ms),
+                       min(m.tpot_s for m in ms) * 1e3, max(m.tpot_s for m in ms) * 1e3))
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(b) else float("nan")
+
+
+def bench(lm: Any, *, max_tokens: int = 32, batch: int = 16, repeats: int = 1, d_sae: int = SAE_WIDTH,
+          prompt: str = PROMPT, generate_reference: bool = True,
+          progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Run every row on the loaded model ``lm`` and return the table (see the module docstring)."""
+    if max_tokens < 2:
+        raise invalid("max_tokens", f"must be >= 2 (TPOT needs two tokens), got {max_tokens}")
+    if batch < 1 or repeats < 1:
+        raise invalid("batch" if batch < 1 else "repeats", "must be >= 1")
+    info = machine_info(lm)
+    registry = Registry(lm.d_model)
+    with tempfile.TemporaryDirectory(prefix="steerwatch-bench-") as tmp:
+        src = register_sources(registry, lm.n_layers, lm.d_model, Path(tmp), d_sae=d_sae, device=lm.device,
+                               model=lm.name)
+    rows = scenarios(src, batch, generate_reference=generate_reference)
+    start = time.perf_counter()
+    runs = run_scenarios(lm, registry, rows, prompt=prompt, max_tokens=max_tokens, repeats=repeats,
+                         progress=progress)
+    from service.models import encode_prompt
+
+    info.update({
+        "prompt tokens": str(len(encode_prompt(lm.tokenizer, prompt))),
+        "generated tokens per request": f"{max_tokens} (ignore_eos, greedy)",
+        "repeats": f"{repeats} (median reported)" if repeats > 1 else "1",
+        "SAE": f"random-weight JumpReLU, d_in {lm.d_model}, d_sae {d_sae}, SAELens format",
+        "bench wall time": f"{time.perf_counter() - start:.0f} s",
+        "load average at end": _loadavg(),
+        "other CPU": "cores busy in other processes during a row's runs (median); near 0 = machine to itself",
+    })
+    return BenchResult(summarize(rows, runs), info)
+
+
+# ---- description and rendering -----------------------------------------------------------------------
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or platform's answer elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def machine_info(lm: Any) -> dict[str, str]:
+    """What the numbers were measured on."""
+    import transformers
+
+    dev = torch.device(lm.device)
+    info = {
+        "CPU": cpu_model(),
+        "cores": str(os.cpu_count()),
+        "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+        "model": f"{lm.name} ({lm.n_layers} layers, d_model {lm.d_model})",
+        "dtype": str(lm.dtype).removeprefix("torch.") + (f", quantized {lm.quantized}" if lm.quantized else ""),
+        "load average at start": _loadavg(),
+    }
+    return info
+
+
+HEADERS = ("configuration", "batch", "tok/s", "× plain", "TPOT ms (min–max)", "× plain", "TTFT ms", "× plain",
+           "other CPU")
+
+
+def _cells(row: Row) -> list[str]:
+    tpot = f"{row.tpot_ms:.1f}"
+    if row.runs > 1:
+        digits = 0 if row.tpot_min_ms >= 10 else 1
+        tpot += f" ({row.tpot_min_ms:.{digits}f}–{row.tpot_max_ms:.{digits}f})"
+    return [row.name, str(row.batch), f"{row.tokens_per_s:.2f}", _x(row.speed_ratio), tpot, _x(row.tpot_ratio), f"{row.ttft_ms:.0f}", _x(row.ttft_ratio),
+            "–" if math.isnan(row.others_cores) else f"{row.others_cores:.2f}"]
+
+
+def _x(ratio: float) -> str:
+    return "–" if math.isnan(ratio) else f"{ratio:.2f}×"
+
+
+def rich_table(result: BenchResult) -> Table:
+    """The result as a rich table (the machine in the caption)."""
+    table = Table(title="steerwatch bench", caption="; ".join(f"{k}: {v}" for k, v in result.info.items()))
+    for i, h in enumerate(HEADERS):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in result.rows:
+        table.add_row(*_cells(row))
+    return table
+
+
+def markdown(result: BenchResult) -> str:
+    """The result as a Markdown machine list and table."""
+    lines = [f"- {k}: {v}" for k, v in result.info.items()]
+    lines += ["", "| " + " | ".join(HEADERS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|"]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in result.rows]
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Entry point of ``steerwatch bench``: load the model, run every row, print the table."""
+    from service.models import load_model
+
+    err = Console(stderr=True)
+    lm = load_model(args.model, quantize=args.quantize, dtype=args.dtype, device=args.device)
+    result = bench(lm, max_tokens=args.max_tokens, batch=args.batch, repeats=args.repeats,
+                   progress=lambda msg: err.print(f"[dim]{msg}[/]"))
+    Console().print(rich_table(result))
+    if args.markdown:
+        print(markdown(result))
+    return 0
