@@ -1,28 +1,8 @@
-"""``steerwatch bench``: throughput and latency of steerwatch configurations against the plain engine.
+"""Running the rows: timing each request's tokens, repeats, medians and ratios to the plain engine."""
 
-Every row runs in one process on one loaded model, side by side with its baseline: the plain engine
-(``HFEngine(hooks=False)``: the same batching loop with no hooks installed) at the same batch size.
-Each configuration generates exactly ``max_tokens`` tokens per request (``ignore_eos``), so rows differ
-only in what the hooks do. Per measured run:
-
-* wall: from the first ``submit`` to the last ``FinalEvent``; tokens/s = generated tokens / wall;
-* TTFT: from the first ``submit`` to a request's first ``TokenEvent`` (includes validation, compiling the
-  interventions, prefill and the first sample), averaged over the batch;
-* TPOT: (last token time - first token time) / (tokens - 1) per request, i.e. decode steps only,
-  averaged over the batch.
-
-A batch's requests are all submitted before the engine's worker starts, so they are admitted and
-prefilled together. Each run gets a fresh engine whose hooks are removed afterwards (a stopped engine
-would otherwise leave idle hooks on the shared model and slow down the plain rows). Rows are warmed up
-once, then measured ``repeats`` times, interleaved (reversed order on odd repeats); the table shows
-the median of each metric, TPOT's spread, and how many cores other processes used meanwhile (a shared
-machine's noise). Steering vectors, the probe and the SAE have random weights: the cost of the core
-does not depend on their values. docs/benchmarks.md has the rows, a measured table and its reading.
-"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -37,46 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
-from monitors.probes import make_probe
-from monitors.sae import load_sae, save_sae
+from service.bench.scenarios import PROMPT, RUN_TIMEOUT_S, SAE_WIDTH, Scenario, register_sources, scenarios
 from service.engines.hf import EngineLimits, HFEngine
 from service.engines.types import Event, FinalEvent, GenerationRequest, Sampling, TokenEvent
 from steering.errors import invalid
 from steering.registry import Registry
-from steering.spec import AblateEdit, AddEdit, ClampEdit, Edit, InterventionSpec, ReadSpec
-from steering.vectors import make_vector
-
-PROMPT = ("The printing press changed how ideas spread across Europe. Within fifty years of its invention, "
-          "printers in dozens of cities")
-MONITOR_LAYER = 6  # the layer of the one-layer rows (clamped to the model's last layer)
-SAE_WIDTH = 16384  # Gemma Scope width for Gemma 3 270M
-SAE_FEATURES = 16  # features monitored by the "monitoring" row
-RUN_TIMEOUT_S = 1800.0
-
-PLAIN = "plain engine"
-GENERATE = "transformers generate (reference)"
-
-
-# ---- what is measured ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Scenario:
-    """One row: a batch of requests (one InterventionSpec each) on a plain or hooked engine.
-
-    ``engine`` False means plain ``model.generate`` (batch 1 only), a reference for the loop itself.
-    """
-
-    name: str
-    specs: tuple[InterventionSpec, ...]
-    hooks: bool = True
-    engine: bool = True
-
-    @property
-    def batch(self) -> int:
-        return len(self.specs)
+from steering.spec import InterventionSpec
 
 
 @dataclass(frozen=True)
@@ -119,158 +66,6 @@ class BenchResult:
     rows: list[Row]
     info: dict[str, str] = field(default_factory=dict)
 
-
-@dataclass(frozen=True)
-class Sources:
-    """Registry ids of the bench's random vectors, probe and SAE, and where they act."""
-
-    layer: int
-    n_layers: int
-    vectors: tuple[str, ...] = ("caa.a", "caa.b", "caa.c")
-    direction: str = "dir"
-    probe: str = "probe"
-    sae: str = "sae"
-    features: tuple[int, ...] = ()
-
-
-# ---- sources: random vectors, probe and a SAELens-format SAE ---------------------------------------
-
-def bench_layer(n_layers: int) -> int:
-    """The layer of the one-layer rows: 6, or the last layer of a smaller model."""
-    return min(MONITOR_LAYER, n_layers - 1)
-
-
-def random_sae_dir(root: Path, d_in: int, d_sae: int, layer: int, *, model: str = "", seed: int = 0) -> Path:
-    """Write a random-weight JumpReLU SAE in SAELens format under ``root``; returns its directory."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {
-        "W_enc": torch.randn(d_in, d_sae, generator=g) / math.sqrt(d_in),
-        "W_dec": torch.randn(d_sae, d_in, generator=g) / math.sqrt(d_in),
-        "b_enc": torch.zeros(d_sae),
-        "threshold": torch.full((d_sae,), 0.1),
-        "b_dec": torch.zeros(d_in),
-    }
-    cfg = {"architecture": "jumprelu", "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
-           "apply_b_dec_to_input": True, "normalize_activations": "none",
-           "metadata": {"model_name": model, "hook_name": f"blocks.{layer}.hook_resid_post"}}
-    out = root / "sae"
-    save_sae(tensors, cfg, out)
-    return out
-
-
-def register_sources(registry: Registry, n_layers: int, d_model: int, workdir: Path, *,
-                     d_sae: int = SAE_WIDTH, device: torch.device | str = "cpu", model: str = "",
-                     seed: int = 0) -> Sources:
-    """Register random CAA vectors (every layer), an ablation direction, a probe and an SAE."""
-    layer = bench_layer(n_layers)
-    g = torch.Generator().manual_seed(seed)
-    src = Sources(layer, n_layers, features=_spread(d_sae, SAE_FEATURES))
-
-    def unit() -> torch.Tensor:
-        v = torch.randn(d_model, generator=g)
-        return v / v.norm()
-
-    for name in src.vectors:
-        registry.add_vector(name, make_vector({i: unit() for i in range(n_layers)}, method="random"))
-    registry.add_vector(src.direction, make_vector({layer: unit()}, method="random"))
-    registry.add_probe(src.probe, make_probe(unit(), 0.0, layer=layer, name="bench-probe"))
-    sae_dir = random_sae_dir(workdir, d_model, d_sae, layer, model=model, seed=seed + 1)
-    registry.add_sae(src.sae, load_sae(sae_dir, device=device))
-    return src
-
-
-def _spread(d_sae: int, n: int) -> tuple[int, ...]:
-    """``n`` feature indices spread over 0..d_sae-1 (fewer when the SAE is narrower)."""
-    step = max(d_sae // n, 1)
-    return tuple(range(0, d_sae, step))[:n]
-
-
-# ---- interventions ---------------------------------------------------------------------------------
-
-def monitor_spec(src: Sources, features: Sequence[int] | None = None, *, probe: bool = True) -> InterventionSpec:
-    """One linear probe plus SAE feature readings at the bench layer."""
-    feats = src.features if features is None else features
-    reads = [ReadSpec(name="probe", kind="probe", source=src.probe, layer=src.layer)] if probe else []
-    reads += [ReadSpec(name=f"sae.{f}", kind="sae_feature", source=src.sae, feature=f) for f in feats]
-    return InterventionSpec(reads=reads)
-
-
-def caa_spec(src: Sources, coef: float = 4.0, layers: list[int] | None = None, vector: int = 0) -> InterventionSpec:
-    """Contrastive activation addition; ``layers`` None = one layer (the bench layer)."""
-    return InterventionSpec(edits=[_add(src, vector, coef, layers or [src.layer])])
-
-
-def caa_ablate_all_spec(src: Sources, coef: float = 4.0) -> InterventionSpec:
-    """CAA and directional ablation, both on every layer."""
-    every = list(range(src.n_layers))
-    return InterventionSpec(edits=[_add(src, 0, coef, every), AblateEdit(vector=src.direction, layers="all")])
-
-
-def _add(src: Sources, vector: int, coef: float, layers: list[int]) -> AddEdit:
-    return AddEdit(vector=src.vectors[vector % len(src.vectors)], coef=coef,
-                   layers=sorted({layer % src.n_layers for layer in layers}))
-
-
-def mixed_specs(src: Sources, n: int) -> list[InterventionSpec]:
-    """``n`` different configurations: plain, CAA (various vectors/coefs/layers), ablation, probe and
-    SAE monitoring, an SAE clamp, and combinations. Beyond 16 the mix repeats with other coefficients."""
-    specs = []
-    for i in range(n):
-        edits, reads = _mixed(src, i % 16, 1.0 + 0.25 * (i // 16))
-        specs.append(InterventionSpec(edits=edits, reads=reads))
-    return specs
-
-
-def _mixed(src: Sources, k: int, scale: float) -> tuple[list[Edit], list[ReadSpec]]:
-    """The k-th configuration of the mixed batch (k in 0..15)."""
-    L, last = src.layer, src.n_layers - 1
-    probe = [ReadSpec(name="probe", kind="probe", source=src.probe, layer=L)]
-    probe_after = [ReadSpec(name="probe", kind="probe", source=src.probe, layer=L, after_edits=True)]
-    sae_reads = list(monitor_spec(src, probe=False).reads)
-    ablate_all = AblateEdit(vector=src.direction, layers="all")
-    table: list[tuple[list[Edit], list[ReadSpec]]] = [
-        ([], []),                                                               # plain
-        ([_add(src, 0, 4.0 * scale, [L])], []),                                 # CAA at L
-        ([_add(src, 1, -2.0 * scale, [L + 2])], []),                            # other vector, layer, sign
-        ([_add(src, 2, 1.0 * scale, list(range(src.n_layers)))], []),          # CAA on every layer
-        ([ablate_all], []),                                                     # ablation everywhere
-        ([AblateEdit(vector=src.direction, layers=sorted({L, (L + 1) % (last + 1)}))], []),
-        ([], probe),                                                            # probe only
-        ([], sae_reads),                                                        # 16 SAE features
-        ([], probe + sae_reads),                                                # the monitoring row
-        ([_add(src, 0, 4.0 * scale, list(range(src.n_layers))), ablate_all], []),  # CAA + ablation
-        ([_add(src, 1, 3.0 * scale, [L])], probe_after),                        # steer and watch it
-        ([], []),                                                               # plain
-        ([ClampEdit(sae=src.sae, feature=src.features[0], value=5.0 * scale)], probe),  # SAE clamp
-        ([_add(src, 2, 2.0 * scale, [L + 4])],
-         [ReadSpec(name="dir", kind="direction", source=src.direction, layer=(L + 4) % (last + 1),
-                   metric="cosine")]),                                          # direction monitor
-        ([_add(src, 0, -1.0 * scale, [max(L - 2, 0), L, L + 2])], sae_reads[:4]),
-        ([AblateEdit(vector=src.direction, layers=[L]), _add(src, 1, 2.0 * scale, [L + 1])], []),
-    ]
-    return table[k]
-
-
-def scenarios(src: Sources, batch: int, *, generate_reference: bool = True) -> list[Scenario]:
-    """The rows of the table, in display order."""
-    empty = InterventionSpec()
-    rows = [
-        Scenario(PLAIN, (empty,), hooks=False),
-        Scenario("hooks installed, idle", (empty,)),
-        Scenario(f"monitoring: probe + {len(src.features)} SAE features @L{src.layer}", (monitor_spec(src),)),
-        Scenario(f"CAA @L{src.layer}", (caa_spec(src),)),
-        Scenario(f"CAA + ablation, all {src.n_layers} layers", (caa_ablate_all_spec(src),)),
-    ]
-    if generate_reference:
-        rows.append(Scenario(GENERATE, (empty,), hooks=False, engine=False))
-    rows += [
-        Scenario(PLAIN, (empty,) * batch, hooks=False),
-        Scenario(f"{batch} different configurations", tuple(mixed_specs(src, batch))),
-    ]
-    return rows
-
-
-# ---- measuring one run ----------------------------------------------------------------------------
 
 class _Recorder:
     """Collects event arrival times for a batch of requests (emit runs on the engine thread)."""
@@ -472,6 +267,7 @@ def bench(lm: Any, *, max_tokens: int = 32, batch: int = 16, repeats: int = 1, d
 
 # ---- description and rendering -----------------------------------------------------------------------
 
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (or platform's answer elsewhere)."""
     try:
@@ -507,52 +303,3 @@ def machine_info(lm: Any) -> dict[str, str]:
         "load average at start": _loadavg(),
     }
     return info
-
-
-HEADERS = ("configuration", "batch", "tok/s", "× plain", "TPOT ms (min–max)", "× plain", "TTFT ms", "× plain",
-           "other CPU")
-
-
-def _cells(row: Row) -> list[str]:
-    tpot = f"{row.tpot_ms:.1f}"
-    if row.runs > 1:
-        digits = 0 if row.tpot_min_ms >= 10 else 1
-        tpot += f" ({row.tpot_min_ms:.{digits}f}–{row.tpot_max_ms:.{digits}f})"
-    return [row.name, str(row.batch), f"{row.tokens_per_s:.2f}", _x(row.speed_ratio), tpot, _x(row.tpot_ratio), f"{row.ttft_ms:.0f}", _x(row.ttft_ratio),
-            "–" if math.isnan(row.others_cores) else f"{row.others_cores:.2f}"]
-
-
-def _x(ratio: float) -> str:
-    return "–" if math.isnan(ratio) else f"{ratio:.2f}×"
-
-
-def rich_table(result: BenchResult) -> Table:
-    """The result as a rich table (the machine in the caption)."""
-    table = Table(title="steerwatch bench", caption="; ".join(f"{k}: {v}" for k, v in result.info.items()))
-    for i, h in enumerate(HEADERS):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for row in result.rows:
-        table.add_row(*_cells(row))
-    return table
-
-
-def markdown(result: BenchResult) -> str:
-    """The result as a Markdown machine list and table."""
-    lines = [f"- {k}: {v}" for k, v in result.info.items()]
-    lines += ["", "| " + " | ".join(HEADERS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|"]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in result.rows]
-    return "\n".join(lines)
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """Entry point of ``steerwatch bench``: load the model, run every row, print the table."""
-    from service.models import load_model
-
-    err = Console(stderr=True)
-    lm = load_model(args.model, quantize=args.quantize, dtype=args.dtype, device=args.device)
-    result = bench(lm, max_tokens=args.max_tokens, batch=args.batch, repeats=args.repeats,
-                   progress=lambda msg: err.print(f"[dim]{msg}[/]"))
-    Console().print(rich_table(result))
-    if args.markdown:
-        print(markdown(result))
-    return 0
