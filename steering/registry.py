@@ -15,6 +15,8 @@ from steering.errors import AlreadyExists, NotFound, invalid
 from steering.vectors import SteeringVector
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# Registry keys may also be scoped ("<tenant>/<id>", built by the service from two checked ids).
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._:-]{0,127})?$")
 
 
 def check_id(value: str, field: str) -> str:
@@ -57,17 +59,22 @@ class Registry:
         with self._lock:
             return sorted(self._items[kind])
 
-    def remove(self, kind: str, id_: str) -> None:
+    def remove(self, kind: str, id_: str, *, missing_ok: bool = False) -> None:
         with self._lock:
-            if self._items[kind].pop(id_, None) is None:
+            if self._items[kind].pop(id_, None) is None and not missing_ok:
                 raise NotFound(f"{kind}: no {kind} registered with id {id_!r}", field=kind)
+
+    def has(self, kind: str, id_: str) -> bool:
+        with self._lock:
+            return id_ in self._items[kind]
 
     def _check_width(self, width: int, what: str) -> None:
         if self.d_model is not None and width != self.d_model:
             raise invalid("d_model", f"{what} has width {width}; this model's residual stream has {self.d_model}")
 
     def _put(self, kind: str, id_: str, item: Any, replace: bool) -> None:
-        check_id(id_, f"{kind}.id")
+        if not isinstance(id_, str) or not KEY_PATTERN.match(id_):
+            check_id(id_, f"{kind}.id")  # raises with the user-facing rule
         with self._lock:
             if id_ in self._items[kind] and not replace:
                 raise AlreadyExists(f"{kind}.id: {id_!r} is registered already", field=f"{kind}.id")

@@ -1,0 +1,153 @@
+"""Tenant policies: the JSON document admins store, validated, and how a request is resolved against it.
+
+A policy lists monitors (which reader, threshold, how per-token scores are aggregated, what to do when
+it fires), steering entries, and limits on what requests may add. Vector ids in a policy are the
+tenant's own; the resolver scopes them (``<tenant>/<id>``) before they reach the shared registry, so a
+tenant can never name another tenant's vector.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from steering.errors import InvalidArgument, LimitExceeded, invalid
+from steering.spec import AblateEdit, AddEdit, ClampEdit, Edit, InterventionSpec, ReadSpec
+
+Action = Literal["annotate", "alert", "stop"]
+ACTIONS = ("annotate", "alert", "stop")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class MonitorRule(_Strict):
+    """A reading plus the rule that turns its per-token scores into alerts."""
+
+    name: str = Field(min_length=1, max_length=64, description="label in readings, alerts and metrics")
+    kind: Literal["probe", "direction", "sae_feature"]
+    source: str = Field(description="probe id, the tenant's vector id (direction) or SAE id")
+    layer: int | None = Field(None, description="layer; default: the source's own layer")
+    feature: int | None = Field(None, ge=0, description="SAE feature (sae_feature only)")
+    metric: Literal["dot", "cosine"] = "dot"
+    threshold: float = Field(description="the monitor fires when the aggregated score exceeds this")
+    aggregation: Literal["max", "mean"] = Field("max", description="max: any token; mean: mean of the last `window` tokens")
+    window: int = Field(1, ge=1, le=1024, description="tokens averaged by aggregation=mean")
+    scope: Literal["prompt", "generation", "both"] = "generation"
+    action: Action = Field("alert", description="annotate (in-band), alert (+ alert stream), stop (+ end the stream)")
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _known_action(cls, v: object) -> object:
+        if v == "steer":
+            raise ValueError("'steer' (conditional steering) is not available yet; allowed: annotate, alert, stop")
+        return v
+
+
+class PolicyLimits(_Strict):
+    """What requests under this policy may do."""
+
+    max_abs_coef: float = Field(4.0, gt=0, le=1000, description="largest |coef| of an addition")
+    max_tokens: int = Field(256, ge=1, le=32768, description="cap on a request's max_tokens")
+    default_max_tokens: int = Field(128, ge=1, le=32768, description="max_tokens when the request gives none")
+    allow_request_steering: bool = Field(True, description="requests may add steering entries")
+    allow_request_monitors: bool = Field(True, description="requests may add monitors")
+    allowed_vectors: list[str] | None = Field(None, description="vector ids requests may use; null = any of the tenant's")
+
+
+class Policy(_Strict):
+    """A tenant policy document."""
+
+    description: str = Field("", max_length=1000)
+    monitors: list[MonitorRule] = Field(default_factory=list, max_length=32)
+    steering: list[Annotated[AddEdit | AblateEdit | ClampEdit, Field(discriminator="kind")]] = Field(
+        default_factory=list, max_length=32)
+    limits: PolicyLimits = Field(default_factory=PolicyLimits)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Policy:
+        names = [m.name for m in self.monitors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"monitor names must be unique; got {names}")
+        if self.limits.default_max_tokens > self.limits.max_tokens:
+            raise ValueError("limits.default_max_tokens must not exceed limits.max_tokens")
+        for i, e in enumerate(self.steering):
+            if isinstance(e, AddEdit) and abs(e.coef) > self.limits.max_abs_coef:
+                raise ValueError(f"steering[{i}].coef {e.coef} is beyond limits.max_abs_coef {self.limits.max_abs_coef}")
+        return self
+
+
+EMPTY_POLICY = Policy()
+
+
+def parse_policy(document: str) -> Policy:
+    """Validate a policy JSON document; errors name the JSON path and the rule."""
+    try:
+        raw = json.loads(document)
+    except json.JSONDecodeError as exc:
+        raise invalid("policy_json", f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+    if not isinstance(raw, dict):
+        raise invalid("policy_json", "must be a JSON object")
+    try:
+        return Policy.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "policy"
+        raise invalid(f"policy_json.{where}", first["msg"]) from exc
+
+
+def scoped(tenant: str, vector_id: str) -> str:
+    """The registry key of a tenant's vector."""
+    return f"{tenant}/{vector_id}"
+
+
+def resolve(policy: Policy, tenant: str, extra_edits: list[Edit], extra_monitors: list[MonitorRule],
+            ) -> tuple[InterventionSpec, list[MonitorRule], list[str]]:
+    """Merge the policy with a request's additions, enforcing the policy's limits.
+
+    Returns the spec for the engine (vector ids scoped to the tenant), every monitor rule in force, and
+    the origin ("policy" or "request") of each edit in spec order.
+    """
+    lim = policy.limits
+    if extra_edits and not lim.allow_request_steering:
+        raise InvalidArgument("steering: this policy does not allow per-request steering", field="steering")
+    if extra_monitors and not lim.allow_request_monitors:
+        raise InvalidArgument("monitors: this policy does not allow per-request monitors", field="monitors")
+    for i, e in enumerate(extra_edits):
+        _check_request_edit(e, lim, f"steering[{i}]")
+    monitors = list(policy.monitors) + list(extra_monitors)
+    names = [m.name for m in monitors]
+    if len(set(names)) != len(names):
+        raise invalid("monitors", f"names must be unique across the policy and the request; got {names}")
+    edits = [_scope_edit(e, tenant) for e in [*policy.steering, *extra_edits]]
+    reads = [_read_of(m, tenant) for m in monitors]
+    origins = ["policy"] * len(policy.steering) + ["request"] * len(extra_edits)
+    return InterventionSpec(edits=edits, reads=reads), monitors, origins
+
+
+def _check_request_edit(e: Edit, lim: PolicyLimits, where: str) -> None:
+    if isinstance(e, AddEdit) and abs(e.coef) > lim.max_abs_coef:
+        raise LimitExceeded(f"{where}.coef: {e.coef} is beyond the policy's limit; allowed "
+                            f"-{lim.max_abs_coef}..{lim.max_abs_coef}", field=f"{where}.coef")
+    vector = getattr(e, "vector", None)
+    if vector is not None and lim.allowed_vectors is not None and vector not in lim.allowed_vectors:
+        raise invalid(f"{where}.vector_id", f"{vector!r} is not allowed by the policy; allowed: {lim.allowed_vectors}")
+
+
+def _scope_edit(e: Edit, tenant: str) -> Edit:
+    if isinstance(e, AddEdit | AblateEdit):
+        return e.model_copy(update={"vector": scoped(tenant, e.vector)})
+    return e
+
+
+def _read_of(m: MonitorRule, tenant: str) -> ReadSpec:
+    source = scoped(tenant, m.source) if m.kind == "direction" else m.source
+    return ReadSpec(name=m.name, kind=m.kind, source=source, layer=m.layer, feature=m.feature, metric=m.metric)
+
+
+def unscoped(key: str) -> str:
+    """The tenant-facing id of a scoped registry key (for audit records)."""
+    return key.split("/", 1)[1] if "/" in key else key
