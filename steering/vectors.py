@@ -69,15 +69,20 @@ def make_vector(per_layer: dict[int, torch.Tensor], *, model: str = "", method: 
     return SteeringVector(clean, d_model, model=model, method=method, source=source)
 
 
-def save_vector(vec: SteeringVector, path: str | Path) -> None:
-    """Write ``vec`` as a steerwatch vector file."""
+def _metadata(vec: SteeringVector) -> dict[str, str]:
     meta = dict(vec.meta)
     meta.update({
         "steerwatch.kind": KIND, "model": vec.model, "method": vec.method, "source": vec.source,
         "layers": ",".join(str(layer) for layer in vec.layers), "norm": f"{vec.norm():.6g}",
         "d_model": str(vec.d_model),
     })
-    save_file({f"layer.{layer}": t.contiguous() for layer, t in vec.per_layer.items()}, str(path), metadata=meta)
+    return meta
+
+
+def save_vector(vec: SteeringVector, path: str | Path) -> None:
+    """Write ``vec`` as a steerwatch vector file."""
+    save_file({f"layer.{layer}": t.contiguous() for layer, t in vec.per_layer.items()}, str(path),
+              metadata=_metadata(vec))
 
 
 def load_vector(path: str | Path, field_name: str = "vector") -> SteeringVector:
@@ -108,3 +113,21 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a safetensors file (empty when it has none)."""
     with safe_open(str(path), framework="pt") as fh:
         return dict(fh.metadata() or {})
+
+
+def vector_to_bytes(vec: SteeringVector) -> bytes:
+    """The vector file's bytes (same format as save_vector), for stores that keep blobs."""
+    from safetensors.torch import save
+
+    meta = _metadata(vec)
+    return save({f"layer.{layer}": t.contiguous() for layer, t in vec.per_layer.items()}, metadata=meta)
+
+
+def vector_from_bytes(blob: bytes, field_name: str = "vector") -> SteeringVector:
+    """Parse and validate vector file bytes."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as fh:
+        fh.write(blob)
+        fh.flush()
+        return load_vector(fh.name, field_name)

@@ -9,6 +9,7 @@ caller's thread, so a bad request is refused alone and never reaches the batch.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -53,6 +54,35 @@ class Handle:
         self._wake()
 
 
+class EventStream:
+    """A submitted request's events on the caller's event loop; ``cancel`` ends it at the next step."""
+
+    def __init__(self, engine: HFEngine, req: GenerationRequest) -> None:
+        loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.finished = False
+
+        def emit(ev: Event) -> None:
+            loop.call_soon_threadsafe(self._queue.put_nowait, ev)
+
+        self._handle = engine.submit(req, emit)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self.finished:
+            raise StopAsyncIteration
+        ev = await self._queue.get()
+        self.finished = isinstance(ev, FinalEvent)
+        return ev
+
+    def cancel(self) -> None:
+        """Cancel unless already finished (idempotent, any thread)."""
+        if not self.finished:
+            self._handle.cancel()
+
+
 class HFEngine:
     """Batched generation with per-request reads and edits on a transformers model."""
 
@@ -74,6 +104,7 @@ class HFEngine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.eos_ids = _eos_ids(lm)
+        self._calls: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = queue.Queue()
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> HFEngine:
@@ -153,23 +184,18 @@ class HFEngine:
             if not done:
                 handle.cancel()
 
+    def open_stream(self, req: GenerationRequest) -> EventStream:
+        """Submit ``req`` and return its events as an async iterator that can be cancelled."""
+        return EventStream(self, req)
+
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
         """Async iterator over a request's events; closing it (client gone) cancels the request."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[Event] = asyncio.Queue()
-        def emit(ev: Event) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, ev)
-
-        handle = self.submit(req, emit)
-        done = False
+        stream = self.open_stream(req)
         try:
-            while not done:
-                ev = await q.get()
-                done = isinstance(ev, FinalEvent)
+            async for ev in stream:
                 yield ev
         finally:
-            if not done:
-                handle.cancel()
+            stream.cancel()
 
     def run(self, req: GenerationRequest) -> list[Event]:
         """All events of one request."""
@@ -197,7 +223,30 @@ class HFEngine:
                 break
         self._running, self._cache, self._mask, self._plan = [], None, None, None
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run ``fn`` on the engine thread between two steps (for other forwards on the same model,
+        e.g. extracting a vector: the hooks and the model are only ever used by one thread)."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        if self._thread is None:
+            raise Unavailable("engine: not running")
+        self._calls.put((fn, fut))
+        self._wake_event.set()
+        return fut
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as exc:  # handed to the caller, never to the batch
+                    fut.set_exception(exc)
+
     def _turn(self) -> None:
+        self._run_calls()
         self._drop_finished()
         new = self._admit()
         if new:

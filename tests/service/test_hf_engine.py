@@ -354,3 +354,14 @@ def test_stopping_the_engine_ends_every_request(lm):
     eng.stop()
     for evs in events:
         assert final(evs).finish_reason == "cancelled"
+
+
+def test_calls_run_on_the_engine_thread_between_steps(engine):
+    import threading as th
+
+    fut = engine.call(lambda: th.current_thread().name)
+    assert fut.result(10) == "steerwatch-hf-engine"
+    failing = engine.call(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(10)
+    assert tokens(engine.run(req(PROMPTS[0], 3)))  # the engine still serves

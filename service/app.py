@@ -1,0 +1,32 @@
+"""Everything the servicers share: settings, engine, store, metrics, caches, loaded SAEs and probes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.state import PolicyCache, TenantVectors
+from service.store.base import Store
+
+
+@dataclass
+class App:
+    """One replica's wiring. ``engine`` is an HFEngine (the vLLM engine will keep the same surface)."""
+
+    engine: Any
+    store: Store
+    metrics: Any
+    model_name: str
+    engine_kind: str = "hf"
+    sae_ids: list[str] = field(default_factory=list)
+    probe_ids: list[str] = field(default_factory=list)
+    policies: PolicyCache = field(init=False)
+    vectors: TenantVectors = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.policies = PolicyCache(self.store)
+        self.vectors = TenantVectors(self.store, self.engine.registry)
+
+    @property
+    def registry(self) -> Any:
+        return self.engine.registry

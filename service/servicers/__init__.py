@@ -1,0 +1,1 @@
+"""gRPC servicers: thin adapters from proto requests to the domain and back."""

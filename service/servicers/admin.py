@@ -1,0 +1,215 @@
+"""PolicyService, VectorService, AlertService and ModelService: tenant-scoped management and dashboards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from service.app import App
+from service.context import tenant_for
+from service.policy import parse_policy, resolve
+from service.protos import (
+    alert_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+    vector_pb2,
+    vector_pb2_grpc,
+)
+from service.servicers.chat import _vector_ids, alert_from_fields
+from service.store.base import PolicyRecord, VectorRecord
+from steering.compile import compile_spec
+from steering.errors import NotFound, invalid
+from steering.extract import mean_difference
+from steering.registry import check_id
+from steering.tensors import require_index
+from steering.vectors import SteeringVector, make_vector, vector_from_bytes, vector_to_bytes
+
+MAX_PAIRS = 256
+
+
+def _policy_proto(r: PolicyRecord) -> Any:
+    return policy_pb2.PolicyRecord(name=r.name, version=r.version, policy_json=r.document, is_default=r.is_default,
+                                   updated_at_ms=r.updated_at_ms, tenant=r.tenant)
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def PutPolicy(self, request: Any, context: Any) -> Any:  # noqa: N802
+        tenant = tenant_for(request.tenant)
+        check_id(request.name, "name")
+        policy = parse_policy(request.policy_json)
+        await self._check_references(tenant, policy)
+        record = await self.app.store.put_policy(tenant, request.name, policy.model_dump_json(),
+                                                 make_default=request.make_default)
+        await self.app.store.publish_invalidation(tenant, "policy", request.name)
+        self.app.policies.invalidate(tenant, request.name)
+        return _policy_proto(record)
+
+    async def _check_references(self, tenant: str, policy: Any) -> None:
+        """Refuse a policy whose vectors, layers, features or SAEs cannot be used on this model."""
+        spec, rules, _ = resolve(policy, tenant, [], [])
+        await self.app.vectors.ensure(tenant, _vector_ids(spec, rules), field="policy_json.vector")
+        compile_spec(spec, self.app.registry, self.app.engine.shape, self.app.engine.limits)
+
+    async def GetPolicy(self, request: Any, context: Any) -> Any:  # noqa: N802
+        tenant = tenant_for(request.tenant)
+        record = await self.app.store.get_policy(tenant, request.name, request.version or None)
+        if record is None:
+            raise NotFound(f"name: no policy {request.name!r}" + (f" version {request.version}" if request.version else ""),
+                           field="name")
+        return _policy_proto(record)
+
+    async def ListPolicies(self, request: Any, context: Any) -> Any:  # noqa: N802
+        records = await self.app.store.list_policies(tenant_for(request.tenant))
+        return policy_pb2.ListPoliciesResponse(policies=[_policy_proto(r) for r in records])
+
+    async def DeletePolicy(self, request: Any, context: Any) -> Any:  # noqa: N802
+        tenant = tenant_for(request.tenant)
+        deleted = await self.app.store.delete_policy(tenant, request.name)
+        if not deleted:
+            raise NotFound(f"name: no policy {request.name!r}", field="name")
+        await self.app.store.publish_invalidation(tenant, "policy", request.name)
+        self.app.policies.invalidate(tenant, request.name)
+        return policy_pb2.DeletePolicyResponse(deleted=True)
+
+
+def _vector_info(r: VectorRecord) -> Any:
+    meta = r.meta
+    return vector_pb2.VectorInfo(
+        vector_id=r.vector_id, layers=[int(x) for x in meta.get("layers", "").split(",") if x],
+        d_model=int(meta.get("d_model", 0) or 0), norm=float(meta.get("norm", 0) or 0), method=meta.get("method", ""),
+        source=meta.get("source", ""), model=meta.get("model", ""), created_at_ms=r.created_at_ms)
+
+
+class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def UploadVector(self, request: Any, context: Any) -> Any:  # noqa: N802
+        tenant = tenant_for(request.tenant)
+        check_id(request.vector_id, "vector_id")
+        if not request.layers:
+            raise invalid("layers", "is empty; give at least one layer's values")
+        per_layer = {}
+        for i, lv in enumerate(request.layers):
+            require_index(lv.layer, self.app.engine.shape.n_layers, f"layers[{i}].layer")
+            if len(lv.values) != self.app.engine.shape.d_model:
+                raise invalid(f"layers[{i}].values", f"has {len(lv.values)} values; this model needs d_model="
+                              f"{self.app.engine.shape.d_model}")
+            per_layer[lv.layer] = torch.tensor(list(lv.values), dtype=torch.float32)
+        vec = make_vector(per_layer, model=self.app.model_name, method=request.method or "manual",
+                          source=request.source, field_name="layers")
+        return await self._store(tenant, request.vector_id, vec, request.replace)
+
+    async def CreateVectorFromPairs(self, request: Any, context: Any) -> Any:  # noqa: N802
+        tenant = tenant_for(request.tenant)
+        check_id(request.vector_id, "vector_id")
+        if not 1 <= len(request.pairs) <= MAX_PAIRS:
+            raise invalid("pairs", f"has {len(request.pairs)} pairs; allowed 1..{MAX_PAIRS}")
+        for i, p in enumerate(request.pairs):
+            if not p.positive or not p.negative:
+                raise invalid(f"pairs[{i}]", "positive and negative must both be non-empty")
+        layers = list(request.layers)
+        if not layers:
+            raise invalid("layers", f"is empty; give layers in 0..{self.app.engine.shape.n_layers - 1}")
+        for i, layer in enumerate(layers):
+            require_index(layer, self.app.engine.shape.n_layers, f"layers[{i}]")
+        position = request.position or "last"
+        if position not in ("last", "mean"):
+            raise invalid("position", f"{position!r} not allowed; use last or mean")
+        vec = await self._extract(request, sorted(set(layers)), position)
+        return await self._store(tenant, request.vector_id, vec, request.replace)
+
+    async def _extract(self, request: Any, layers: list[int], position: str) -> SteeringVector:
+        from service.models import encode_prompt
+
+        lm = self.app.engine.lm
+        pos = [p.positive for p in request.pairs]
+        neg = [p.negative for p in request.pairs]
+
+        def work() -> SteeringVector:  # runs on the engine thread: the model serves one forward at a time
+            return mean_difference(lm.model, lm.layers, lambda t: encode_prompt(lm.tokenizer, t), pos, neg, layers,
+                                   position=position, model_name=self.app.model_name,
+                                   source=f"CreateVectorFromPairs: {len(pos)} pairs")
+
+        return await asyncio.wrap_future(self.app.engine.call(work))
+
+    async def _store(self, tenant: str, vector_id: str, vec: SteeringVector, replace: bool) -> Any:
+        blob = vector_to_bytes(vec)
+        record = VectorRecord(tenant, vector_id, blob, _meta_of(blob), int(time.time() * 1000))
+        await self.app.store.put_vector(record, replace=replace)
+        await self.app.store.publish_invalidation(tenant, "vector", vector_id)
+        self.app.vectors.invalidate(tenant, vector_id)
+        return _vector_info(record)
+
+    async def ListVectors(self, request: Any, context: Any) -> Any:  # noqa: N802
+        records = await self.app.store.list_vectors(tenant_for(request.tenant))
+        return vector_pb2.ListVectorsResponse(vectors=[_vector_info(r) for r in records])
+
+    async def GetVector(self, request: Any, context: Any) -> Any:  # noqa: N802
+        record = await self.app.store.get_vector(tenant_for(request.tenant), request.vector_id)
+        if record is None:
+            raise NotFound(f"vector_id: no vector {request.vector_id!r}", field="vector_id")
+        return _vector_info(record)
+
+    async def DeleteVector(self, request: Any, context: Any) -> Any:  # noqa: N802
+        tenant = tenant_for(request.tenant)
+        if not await self.app.store.delete_vector(tenant, request.vector_id):
+            raise NotFound(f"vector_id: no vector {request.vector_id!r}", field="vector_id")
+        await self.app.store.publish_invalidation(tenant, "vector", request.vector_id)
+        self.app.vectors.invalidate(tenant, request.vector_id)
+        return vector_pb2.DeleteVectorResponse(deleted=True)
+
+
+def _meta_of(blob: bytes) -> dict[str, str]:
+    vec = vector_from_bytes(blob)
+    return {k: v for k, v in vec.meta.items() if k != "steerwatch.kind"}
+
+
+class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def WatchAlerts(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        tenant = tenant_for(request.tenant)
+        after = request.after_id or "$"
+        if after not in ("$", "0") and not _is_stream_id(after):
+            raise invalid("after_id", f"{after!r} is not an alert id (<ms>-<seq>), '0' or empty")
+        async for alert in self.app.store.watch_alerts(tenant, after):
+            yield alert_from_fields(alert.alert_id, alert.fields)
+
+
+def _is_stream_id(text: str) -> bool:
+    ms, sep, seq = text.partition("-")
+    return bool(sep) and ms.isdigit() and seq.isdigit()
+
+
+class ModelServicer(model_pb2_grpc.ModelServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def Info(self, request: Any, context: Any) -> Any:  # noqa: N802
+        reg, eng = self.app.registry, self.app.engine
+        saes = [model_pb2.SaeInfo(sae_id=i, layer=reg.sae(i).hook_layer or 0, d_sae=reg.sae(i).d_sae,
+                                  architecture=reg.sae(i).architecture, has_feature_max=reg.sae(i).feature_max is not None)
+                for i in self.app.sae_ids]
+        probes = [_probe_info(i, reg.probe(i)) for i in self.app.probe_ids]
+        return model_pb2.InfoResponse(
+            model=self.app.model_name, n_layers=eng.shape.n_layers, d_model=eng.shape.d_model,
+            engine=self.app.engine_kind, saes=saes, probes=probes,
+            monitor_kinds=["probe", "direction", "sae_feature"], max_prompt_tokens=eng.limits.max_prompt_tokens,
+            max_new_tokens=eng.limits.max_new_tokens)
+
+
+def _probe_info(probe_id: str, p: Any) -> Any:
+    return model_pb2.ProbeInfo(probe_id=probe_id, layer=p.layer or 0, threshold=p.threshold or 0.0,
+                               has_threshold=p.threshold is not None)
+

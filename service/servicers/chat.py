@@ -1,0 +1,162 @@
+"""ChatService.Generate: resolve the tenant's policy, stream tokens, evaluate monitors, raise alerts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from service.app import App
+from service.context import current_principal, current_request_id
+from service.convert import (
+    FINISH,
+    applied_to_proto,
+    edits_from_proto,
+    monitors_from_proto,
+    prompt_from_proto,
+    sampling_from_proto,
+)
+from service.engines.types import FinalEvent, GenerationRequest, PromptEvent, TokenEvent
+from service.policy import MonitorRule, resolve
+from service.protos import chat_pb2, chat_pb2_grpc
+from service.rules import PROMPT, Firing, RuleSet
+from steering.spec import AblateEdit, AddEdit
+
+EXCERPT_CHARS = 120
+
+
+@dataclass
+class Prepared:
+    """A request resolved against its policy."""
+
+    request: GenerationRequest
+    rules: list[MonitorRule]
+    origins: list[str]
+    policy: str
+    version: int
+    request_monitors: set[str]
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802 - gRPC name
+        tenant = current_principal().tenant
+        prepared = await self._prepare(tenant, request)
+        session = Session(self.app, tenant, prepared, request.include_readings)
+        stream = self.app.engine.open_stream(prepared.request)
+        self.app.metrics.observe_engine(self.app.engine.running, self.app.engine.queued)
+        try:
+            async for ev in stream:
+                for resp in await session.on_event(ev):
+                    yield resp
+                if session.stopped:
+                    stream.cancel()
+        finally:
+            stream.cancel()  # client gone, deadline or error: free the engine slot now
+            self.app.metrics.observe_engine(self.app.engine.running, self.app.engine.queued)
+
+    async def _prepare(self, tenant: str, request: Any) -> Prepared:
+        name, version, policy = await self.app.policies.resolve(tenant, request.policy)
+        extra_monitors = monitors_from_proto(request.monitors)
+        spec, rules, origins = resolve(policy, tenant, edits_from_proto(request.steering), extra_monitors)
+        await self.app.vectors.ensure(tenant, _vector_ids(spec, rules))
+        sampling = sampling_from_proto(request.sampling, policy.limits)
+        gen = GenerationRequest(prompt=prompt_from_proto(request), sampling=sampling, interventions=spec,
+                                request_id=current_request_id())
+        return Prepared(gen, rules, origins, name, version, {m.name for m in extra_monitors})
+
+
+def _vector_ids(spec: Any, rules: list[MonitorRule]) -> set[str]:
+    ids = {e.vector.split("/", 1)[1] for e in spec.edits if isinstance(e, AddEdit | AblateEdit)}
+    return ids | {r.source for r in rules if r.kind == "direction"}
+
+
+class Session:
+    """One generation's stream: monitors evaluated per token, alerts raised, the audit record built."""
+
+    def __init__(self, app: App, tenant: str, prepared: Prepared, include_readings: bool) -> None:
+        self.app, self.tenant, self.prepared = app, tenant, prepared
+        self.include_readings = include_readings
+        self.rules = RuleSet(prepared.rules)
+        self.text = ""
+        self.stopped = False
+
+    async def on_event(self, ev: Any) -> list[Any]:
+        if isinstance(ev, PromptEvent):
+            return [await self._alert(f) for f in self.rules.on_prompt(ev.readings)]
+        if isinstance(ev, TokenEvent):
+            return await self._token(ev)
+        if isinstance(ev, FinalEvent):
+            return [self._final(ev)]
+        return []
+
+    async def _token(self, ev: TokenEvent) -> list[Any]:
+        if self.stopped:  # the engine may emit one more token before the cancel lands
+            return []
+        out = [await self._alert(f, ev.token) for f in self.rules.on_token(ev.index, ev.readings)]
+        if self.stopped:  # a stop monitor fired on the state that chose this token: withhold it
+            return out
+        self.text += ev.text
+        readings = ev.readings if self.include_readings else {}
+        out.append(chat_pb2.GenerateResponse(token=chat_pb2.TokenDelta(
+            index=ev.index, text=ev.text, token=ev.token, token_id=ev.token_id, readings=readings)))
+        return out
+
+    async def _alert(self, f: Firing, pending: str = "") -> Any:
+        action = f.rule.action
+        self.stopped = self.stopped or action == "stop"
+        event = chat_pb2.AlertEvent(
+            monitor=f.rule.name, action=action, peak_score=f.score, threshold=f.rule.threshold,
+            token_start=f.token_start, token_end=f.token_end, excerpt=(self.text + pending)[-EXCERPT_CHARS:],
+            timestamp_ms=int(time.time() * 1000), request_id=current_request_id(), policy=self.prepared.policy)
+        if action != "annotate":
+            event.alert_id = await self.app.store.add_alert(self.tenant, _fields(event))
+        label = "_request" if f.rule.name in self.prepared.request_monitors else f.rule.name
+        self.app.metrics.alerts_total.labels(monitor=label, action=action).inc()
+        return chat_pb2.GenerateResponse(alert=event)
+
+    def _final(self, ev: FinalEvent) -> Any:
+        reason = "policy" if self.stopped else ev.finish_reason
+        self._observe(ev)
+        return chat_pb2.GenerateResponse(final=chat_pb2.FinalRecord(
+            finish_reason=FINISH[reason],
+            usage=chat_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
+            monitors=[chat_pb2.MonitorSummary(monitor=r.name, fired=fired, peak_score=peak, peak_token=at,
+                                              action=r.action, threshold=r.threshold)
+                      for r, fired, peak, at in self.rules.summary()],
+            steering=applied_to_proto(ev.applied, self.prepared.origins),
+            model=self.app.model_name,
+            timings=chat_pb2.Timings(queue_seconds=ev.queue_s, ttft_seconds=ev.ttft_s or 0.0, total_seconds=ev.total_s),
+            text=self.text if self.stopped else ev.text, tail="" if self.stopped else ev.tail,
+            policy=self.prepared.policy, policy_version=self.prepared.version, request_id=current_request_id()))
+
+    def _observe(self, ev: FinalEvent) -> None:
+        m = self.app.metrics
+        m.generated_tokens_total.inc(ev.completion_tokens)
+        if ev.ttft_s is not None:
+            m.ttft_seconds.observe(ev.ttft_s)
+            if ev.completion_tokens > 1:
+                m.tpot_seconds.observe((ev.total_s - ev.ttft_s) / (ev.completion_tokens - 1))
+        for entry in ev.applied:
+            m.interventions_total.labels(kind=entry["kind"]).inc()
+
+
+def _fields(event: Any) -> dict[str, str]:
+    """An alert as flat string fields for the tenant's stream."""
+    return {"monitor": event.monitor, "action": event.action, "peak_score": repr(event.peak_score),
+            "threshold": repr(event.threshold), "token_start": str(event.token_start),
+            "token_end": str(event.token_end), "excerpt": event.excerpt, "timestamp_ms": str(event.timestamp_ms),
+            "request_id": event.request_id, "policy": event.policy}
+
+
+def alert_from_fields(alert_id: str, fields: dict[str, str]) -> Any:
+    """The inverse of ``_fields``: a stored alert as an AlertEvent."""
+    return chat_pb2.AlertEvent(
+        alert_id=alert_id, monitor=fields.get("monitor", ""), action=fields.get("action", ""),
+        peak_score=float(fields.get("peak_score", 0) or 0), threshold=float(fields.get("threshold", 0) or 0),
+        token_start=int(fields.get("token_start", PROMPT)), token_end=int(fields.get("token_end", PROMPT)),
+        excerpt=fields.get("excerpt", ""), timestamp_ms=int(fields.get("timestamp_ms", 0)),
+        request_id=fields.get("request_id", ""), policy=fields.get("policy", ""))

@@ -1,0 +1,90 @@
+"""Per-replica caches over the shared store: tenant policies and tenant vectors in the registry.
+
+Both are invalidated through the store's pub/sub channel, so a change made on any replica takes effect
+on every replica as soon as the message arrives (well under a second on a LAN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from service.policy import EMPTY_POLICY, Policy, parse_policy, scoped
+from service.store.base import Store
+from steering.errors import NotFound
+from steering.registry import Registry
+from steering.vectors import vector_from_bytes
+
+log = logging.getLogger(__name__)
+
+
+class PolicyCache:
+    """(tenant, name) -> (version, Policy) of the latest version; the default pointer per tenant."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._policies: dict[tuple[str, str], tuple[int, Policy]] = {}
+        self._defaults: dict[str, str | None] = {}
+
+    async def resolve(self, tenant: str, name: str) -> tuple[str, int, Policy]:
+        """The named policy, or the tenant's default when ``name`` is empty (none: an empty policy)."""
+        if not name:
+            if tenant not in self._defaults:
+                self._defaults[tenant] = await self.store.default_policy(tenant)
+            default = self._defaults[tenant]
+            if default is None:
+                return "", 0, EMPTY_POLICY
+            name = default
+        key = (tenant, name)
+        if key not in self._policies:
+            record = await self.store.get_policy(tenant, name)
+            if record is None:
+                raise NotFound(f"policy: no policy named {name!r} for this tenant", field="policy")
+            self._policies[key] = (record.version, parse_policy(record.document))
+        version, policy = self._policies[key]
+        return name, version, policy
+
+    def invalidate(self, tenant: str, name: str) -> None:
+        self._policies.pop((tenant, name), None)
+        self._defaults.pop(tenant, None)
+
+    def clear(self) -> None:
+        self._policies.clear()
+        self._defaults.clear()
+
+
+class TenantVectors:
+    """Loads a tenant's vectors from the store into the engine's registry on first use."""
+
+    def __init__(self, store: Store, registry: Registry) -> None:
+        self.store, self.registry = store, registry
+
+    async def ensure(self, tenant: str, vector_ids: set[str], field: str = "vector_id") -> None:
+        for vid in sorted(vector_ids):
+            key = scoped(tenant, vid)
+            if self.registry.has("vector", key):
+                continue
+            record = await self.store.get_vector(tenant, vid)
+            if record is None:
+                raise NotFound(f"{field}: no vector {vid!r} for this tenant", field=field)
+            self.registry.add_vector(key, vector_from_bytes(record.blob, field), replace=True)
+
+    def invalidate(self, tenant: str, vector_id: str) -> None:
+        self.registry.remove("vector", scoped(tenant, vector_id), missing_ok=True)
+
+
+async def follow_invalidations(store: Store, policies: PolicyCache, vectors: TenantVectors) -> None:
+    """Apply invalidation messages from every replica until cancelled."""
+    while True:
+        try:
+            async for tenant, kind, name in store.invalidations():
+                if kind == "policy":
+                    policies.invalidate(tenant, name)
+                elif kind == "vector":
+                    vectors.invalidate(tenant, name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the store reconnects; meanwhile caches may be stale, so drop them all
+            log.exception("invalidation stream broke; retrying")
+            policies.clear()
+            await asyncio.sleep(1.0)
