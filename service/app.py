@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ class App:
     engine_kind: str = "hf"
     sae_ids: list[str] = field(default_factory=list)
     probe_ids: list[str] = field(default_factory=list)
+    draining: asyncio.Event = field(default_factory=asyncio.Event)  # set when the server starts draining
     policies: PolicyCache = field(init=False)
     vectors: TenantVectors = field(init=False)
 

@@ -80,7 +80,7 @@ def prompt_from_proto(req: Any) -> str | list[Message]:
                 raise invalid(f"messages[{i}].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
             if not m.content:
                 raise invalid(f"messages[{i}].content", "must not be empty")
-            out.append(Message(role=ROLES[m.role], content=m.content))  # type: ignore[arg-type]
+            out.append(Message(role=ROLES[m.role], content=m.content))
         return out
     if not req.prompt:
         raise invalid("prompt", "is empty; send messages or a prompt")

@@ -38,7 +38,10 @@ def _policy_proto(r: PolicyRecord) -> Any:
                                    updated_at_ms=r.updated_at_ms, tenant=r.tenant)
 
 
-class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+_PolicyServicerBase: Any = policy_pb2_grpc.PolicyServiceServicer  # generated module: opaque to mypy
+
+
+class PolicyServicer(_PolicyServicerBase):
     def __init__(self, app: App) -> None:
         self.app = app
 
@@ -89,7 +92,10 @@ def _vector_info(r: VectorRecord) -> Any:
         source=meta.get("source", ""), model=meta.get("model", ""), created_at_ms=r.created_at_ms)
 
 
-class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
+_VectorServicerBase: Any = vector_pb2_grpc.VectorServiceServicer  # generated module: opaque to mypy
+
+
+class VectorServicer(_VectorServicerBase):
     def __init__(self, app: App) -> None:
         self.app = app
 
@@ -174,7 +180,10 @@ def _meta_of(blob: bytes) -> dict[str, str]:
     return {k: v for k, v in vec.meta.items() if k != "steerwatch.kind"}
 
 
-class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
+_AlertServicerBase: Any = alert_pb2_grpc.AlertServiceServicer  # generated module: opaque to mypy
+
+
+class AlertServicer(_AlertServicerBase):
     def __init__(self, app: App) -> None:
         self.app = app
 
@@ -183,8 +192,29 @@ class AlertServicer(alert_pb2_grpc.AlertServiceServicer):
         after = request.after_id or "$"
         if after not in ("$", "0") and not _is_stream_id(after):
             raise invalid("after_id", f"{after!r} is not an alert id (<ms>-<seq>), '0' or empty")
-        async for alert in self.app.store.watch_alerts(tenant, after):
-            yield alert_from_fields(alert.alert_id, alert.fields)
+        # an endless stream: it ends when the server drains, so it never holds shutdown for the full grace
+        alerts = self.app.store.watch_alerts(tenant, after).__aiter__()
+        drain = asyncio.ensure_future(self.app.draining.wait())
+        nxt: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                nxt = asyncio.ensure_future(alerts.__anext__())
+                done, _ = await asyncio.wait({nxt, drain}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    return
+                try:
+                    alert = nxt.result()
+                except StopAsyncIteration:
+                    return
+                yield alert_from_fields(alert.alert_id, alert.fields)
+        finally:
+            drain.cancel()
+            if nxt is not None and not nxt.done():
+                nxt.cancel()
+                await asyncio.wait({nxt})  # the watcher must be idle before it can be closed
+            aclose = getattr(alerts, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 def _is_stream_id(text: str) -> bool:
@@ -192,7 +222,10 @@ def _is_stream_id(text: str) -> bool:
     return bool(sep) and ms.isdigit() and seq.isdigit()
 
 
-class ModelServicer(model_pb2_grpc.ModelServiceServicer):
+_ModelServicerBase: Any = model_pb2_grpc.ModelServiceServicer  # generated module: opaque to mypy
+
+
+class ModelServicer(_ModelServicerBase):
     def __init__(self, app: App) -> None:
         self.app = app
 

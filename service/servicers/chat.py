@@ -38,7 +38,10 @@ class Prepared:
     request_monitors: set[str]
 
 
-class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+_ChatServicerBase: Any = chat_pb2_grpc.ChatServiceServicer  # generated module: opaque to mypy
+
+
+class ChatServicer(_ChatServicerBase):
     def __init__(self, app: App) -> None:
         self.app = app
 
@@ -115,7 +118,7 @@ class Session:
         if action != "annotate":
             event.alert_id = await self.app.store.add_alert(self.tenant, _fields(event))
         label = "_request" if f.rule.name in self.prepared.request_monitors else f.rule.name
-        self.app.metrics.alerts_total.labels(monitor=label, action=action).inc()
+        self.app.metrics.observe_alert(label, action)
         return chat_pb2.GenerateResponse(alert=event)
 
     def _final(self, ev: FinalEvent) -> Any:
@@ -135,13 +138,10 @@ class Session:
 
     def _observe(self, ev: FinalEvent) -> None:
         m = self.app.metrics
-        m.generated_tokens_total.inc(ev.completion_tokens)
-        if ev.ttft_s is not None:
-            m.ttft_seconds.observe(ev.ttft_s)
-            if ev.completion_tokens > 1:
-                m.tpot_seconds.observe((ev.total_s - ev.ttft_s) / (ev.completion_tokens - 1))
+        decode_s = ev.total_s - ev.ttft_s if ev.ttft_s is not None else 0.0
+        m.observe_generation(ev.ttft_s, ev.completion_tokens, decode_s)
         for entry in ev.applied:
-            m.interventions_total.labels(kind=entry["kind"]).inc()
+            m.observe_intervention(entry["kind"])
 
 
 def _fields(event: Any) -> dict[str, str]:

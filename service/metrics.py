@@ -1,0 +1,90 @@
+"""Prometheus metrics of one server, on a registry of its own (tests build several side by side).
+
+Label values come only from bounded sets: RPC method names, status code names, monitor names from the
+server's configuration or tenant policies, actions and steering kinds. Never a tenant, key or request
+id: each distinct value is a new time series kept forever.
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Whole RPCs: a health check takes ~1 ms, a long generation minutes.
+RPC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Time to first token: queueing plus prefill.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+# Per output token: one decode step of the batch.
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
+
+
+class Metrics:
+    """The server's metrics and the /metrics endpoint that serves them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("steerwatch_requests_total", "RPCs finished, by method and final status code",
+                                ["method", "code"], registry=r)
+        self.request_duration = Histogram("steerwatch_request_duration_seconds", "RPC duration, stream included",
+                                          ["method"], buckets=RPC_BUCKETS, registry=r)
+        self.ttft = Histogram("steerwatch_time_to_first_token_seconds", "time from request to first token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("steerwatch_time_per_output_token_seconds", "time per generated token after the first",
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.generated_tokens = Counter("steerwatch_generated_tokens_total", "tokens generated", registry=r)
+        self.batch_size = Gauge("steerwatch_batch_size", "requests in the running batch", registry=r)
+        self.queue_depth = Gauge("steerwatch_queue_depth", "requests waiting for a batch slot", registry=r)
+        self.alerts = Counter("steerwatch_alerts_total", "monitor firings, by monitor and action",
+                              ["monitor", "action"], registry=r)
+        self.interventions = Counter("steerwatch_interventions_total", "steering edits applied to generations, by kind",
+                                     ["kind"], registry=r)
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
+
+    # ---- recording helpers (short names for the servicers) ------------------------------
+    def observe_request(self, method: str, code: str, seconds: float) -> None:
+        """One finished RPC."""
+        self.requests.labels(method=method, code=code).inc()
+        self.request_duration.labels(method=method).observe(seconds)
+
+    def observe_engine(self, running: int, queued: int) -> None:
+        """The engine's current load."""
+        self.batch_size.set(running)
+        self.queue_depth.set(queued)
+
+    def observe_generation(self, ttft_seconds: float | None, tokens: int, decode_seconds: float) -> None:
+        """One finished generation: TTFT, token count, and mean time per token after the first."""
+        if ttft_seconds is not None:
+            self.ttft.observe(ttft_seconds)
+        self.generated_tokens.inc(max(tokens, 0))
+        if tokens > 1:
+            self.tpot.observe(decode_seconds / (tokens - 1))
+
+    def observe_alert(self, monitor: str, action: str) -> None:
+        """A monitor fired; ``monitor`` must be a configured (policy or server) monitor name."""
+        self.alerts.labels(monitor=monitor, action=action).inc()
+
+    def observe_intervention(self, kind: str) -> None:
+        """A steering edit (add, ablate, clamp) was applied to a generation."""
+        self.interventions.labels(kind=kind).inc()
+
+    # ---- /metrics --------------------------------------------------------------------
+    def start_http(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve /metrics for this registry on a daemon thread; returns the bound port (port 0 = any free)."""
+        if self._http is not None:
+            raise RuntimeError("metrics HTTP server already started")
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = (server, thread)
+        return int(server.server_port)
+
+    def stop_http(self) -> None:
+        """Stop the /metrics server (no-op when not started)."""
+        if self._http is None:
+            return
+        server, thread = self._http
+        self._http = None
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -1,0 +1,154 @@
+"""``steerwatch serve``: wire model, engine, store, metrics and servicers into a running replica."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from monitors.probes import load_probe
+from service.app import App
+from service.metrics import Metrics
+from service.protos import (
+    alert_pb2,
+    alert_pb2_grpc,
+    chat_pb2,
+    chat_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+    vector_pb2,
+    vector_pb2_grpc,
+)
+from service.server import ServerHandle, build_server
+from service.servicers.admin import AlertServicer, ModelServicer, PolicyServicer, VectorServicer
+from service.servicers.chat import ChatServicer
+from service.settings import Settings
+from service.state import follow_invalidations
+from service.store import open_store
+from service.store.base import Store
+from steering.errors import invalid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Replica:
+    """A started replica; ``stop`` drains it."""
+
+    app: App
+    handle: ServerHandle
+    metrics_port: int
+    admin_key: str | None
+    _tasks: list[asyncio.Task[Any]]
+
+    @property
+    def port(self) -> int:
+        return self.handle.port
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Health NOT_SERVING, in-flight streams get the grace period, then engine and store close."""
+        await self.handle.drain_and_stop(grace_seconds)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.app.engine.stop)
+        await self.app.store.close()
+        await asyncio.to_thread(self.app.metrics.stop_http)
+
+
+def _servicers(app: App) -> Any:
+    def add(server: Any) -> list[str]:
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(app), server)
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(app), server)
+        vector_pb2_grpc.add_VectorServiceServicer_to_server(VectorServicer(app), server)
+        alert_pb2_grpc.add_AlertServiceServicer_to_server(AlertServicer(app), server)
+        model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(app), server)
+        return [chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
+                policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
+                vector_pb2.DESCRIPTOR.services_by_name["VectorService"].full_name,
+                alert_pb2.DESCRIPTOR.services_by_name["AlertService"].full_name,
+                model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name]
+    return add
+
+
+def load_assets(engine: Any, settings: Settings) -> tuple[list[str], list[str]]:
+    """SAEs and probes named in the settings, registered by id with the engine."""
+    from monitors.sae import load_sae
+
+    for i, spec in enumerate(settings.saes):
+        sae = load_sae(spec.path)
+        if spec.layer is not None and spec.layer != sae.hook_layer:
+            if sae.hook_layer is not None:
+                raise invalid(f"saes[{i}].layer", f"{spec.layer} contradicts the SAE's own hook layer {sae.hook_layer}")
+            meta = sae.cfg.metadata.model_copy(update={"hook_layer": spec.layer})
+            sae.cfg = sae.cfg.model_copy(update={"metadata": meta})
+        if sae.hook_layer is None:
+            raise invalid(f"saes[{i}].layer", "the SAE names no hook layer; set one")
+        engine.registry.add_sae(spec.id, sae)
+    for spec in settings.probes:
+        probe = load_probe(spec.path, f"probes[{spec.id}]")
+        if spec.layer is not None:
+            from dataclasses import replace
+
+            probe = replace(probe, layer=spec.layer)
+        engine.registry.add_probe(spec.id, probe)
+    return [s.id for s in settings.saes], [p.id for p in settings.probes]
+
+
+async def start_replica(settings: Settings, *, lm: Any = None, store: Store | None = None,
+                        progress: bool = False) -> Replica:
+    """Load (or take) the model, start the engine, open the store, serve. Health is SERVING only after a
+    warm-up generation has gone through the engine."""
+    from service.engines.hf import HFEngine
+    from service.models import load_model
+
+    if lm is None:
+        lm = await asyncio.to_thread(load_model, settings.model, quantize=settings.quantize, dtype=settings.dtype,
+                                     device=settings.device, progress=progress)
+    engine = HFEngine(lm, limits=settings.limits.engine_limits()).start()
+    sae_ids, probe_ids = load_assets(engine, settings)
+    if store is None:
+        store = await open_store(settings.redis_url, alert_maxlen=settings.alert_stream_maxlen)
+    metrics = Metrics()
+    metrics_port = metrics.start_http(settings.metrics_port, settings.host)
+    app = App(engine, store, metrics, lm.name, sae_ids=sae_ids, probe_ids=probe_ids)
+    handle = build_server(settings, store, metrics, _servicers(app))
+    app.draining = handle.draining
+    await handle.start()
+    admin_key = None
+    if settings.bootstrap_admin_key is None:  # development: mint one and tell the operator
+        admin_key = "sw_admin_" + secrets.token_urlsafe(24)
+        await store.add_key(admin_key, "admin", "admin")
+    tasks = [asyncio.create_task(follow_invalidations(store, app.policies, app.vectors))]
+    await _warm_up(engine)
+    await handle.set_serving()
+    return Replica(app, handle, metrics_port, admin_key, tasks)
+
+
+async def _warm_up(engine: Any) -> None:
+    from service.engines.types import GenerationRequest, Sampling
+
+    async for _ in engine.generate(GenerationRequest(prompt="Hello", sampling=Sampling(max_tokens=1))):
+        pass
+
+
+async def serve_forever(settings: Settings) -> None:
+    replica = await start_replica(settings, progress=True)
+    replica.handle.install_signal_handlers()
+    print(f"steerwatch serving {replica.app.model_name} on {settings.host}:{replica.port} "
+          f"(metrics :{replica.metrics_port}/metrics, store: {'redis' if settings.redis_url else 'in-memory'})",
+          file=sys.stderr)
+    if replica.admin_key:
+        print(f"admin API key (generated; set STEERWATCH_BOOTSTRAP_ADMIN_KEY to choose one): {replica.admin_key}",
+              file=sys.stderr)
+    try:
+        await replica.handle.wait_for_termination()
+    finally:
+        with contextlib.suppress(Exception):
+            await replica.stop(settings.limits.grace_seconds)
