@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from service.engines.types import FinalEvent, GenerationRequest, PromptEvent, To
 from service.policy import MonitorRule, resolve
 from service.protos import chat_pb2, chat_pb2_grpc
 from service.rules import PROMPT, Firing, RuleSet
+from steering.errors import SteerwatchError
 from steering.spec import AblateEdit, AddEdit
 
 EXCERPT_CHARS = 120
@@ -49,7 +51,10 @@ class ChatServicer(_ChatServicerBase):
         tenant = current_principal().tenant
         prepared = await self._prepare(tenant, request)
         session = Session(self.app, tenant, prepared, request.include_readings)
-        stream = self.app.engine.open_stream(prepared.request)
+        try:
+            stream = self.app.engine.open_stream(prepared.request)
+        except SteerwatchError as exc:
+            raise _in_request_terms(exc, prepared) from exc
         self.app.metrics.observe_engine(self.app.engine.running, self.app.engine.queued)
         try:
             async for ev in stream:
@@ -70,6 +75,20 @@ class ChatServicer(_ChatServicerBase):
         gen = GenerationRequest(prompt=prompt_from_proto(request), sampling=sampling, interventions=spec,
                                 request_id=current_request_id())
         return Prepared(gen, rules, origins, name, version, {m.name for m in extra_monitors})
+
+
+def _in_request_terms(exc: SteerwatchError, prepared: Prepared) -> SteerwatchError:
+    """The engine names ``edits[i]``/``reads[i]`` of the merged spec; the client sent policy entries and
+    request entries, so say which one (``policy.steering[1]`` or ``steering[0]``)."""
+    match = re.match(r"^(edits|reads)\[(\d+)\](.*)$", exc.field or "")
+    if match is None:
+        return exc
+    kind, index, rest = match.group(1), int(match.group(2)), match.group(3)
+    n_policy = prepared.origins.count("policy") if kind == "edits" else len(prepared.rules) - len(prepared.request_monitors)
+    name = "steering" if kind == "edits" else "monitors"
+    field = f"policy.{name}[{index}]{rest}" if index < n_policy else f"{name}[{index - n_policy}]{rest}"
+    message = str(exc).replace(exc.field or "", field, 1)
+    return type(exc)(message, field=field)
 
 
 def _vector_ids(spec: Any, rules: list[MonitorRule]) -> set[str]:
