@@ -15,3 +15,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+# gRPC stubs are generated from proto/ (never committed); this is a no-op when they are current.
+.venv/bin/python -c "import service.protos"
