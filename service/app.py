@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.policy import EMPTY_POLICY, Policy
 from service.state import PolicyCache, TenantVectors
 from service.store.base import Store
 
@@ -22,11 +23,13 @@ class App:
     sae_ids: list[str] = field(default_factory=list)
     probe_ids: list[str] = field(default_factory=list)
     draining: asyncio.Event = field(default_factory=asyncio.Event)  # set when the server starts draining
+    fallback_policy: Policy = EMPTY_POLICY  # applies to tenants without a default policy
+    request_timeout_s: float | None = None  # server-side cap on one generation
     policies: PolicyCache = field(init=False)
     vectors: TenantVectors = field(init=False)
 
     def __post_init__(self) -> None:
-        self.policies = PolicyCache(self.store)
+        self.policies = PolicyCache(self.store, self.fallback_policy)
         self.vectors = TenantVectors(self.store, self.engine.registry)
 
     @property

@@ -9,11 +9,13 @@ tenant can never name another tenant's vector.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from steering.errors import InvalidArgument, LimitExceeded, invalid
+from steering.errors import InvalidArgument, LimitExceeded, SteerwatchError, invalid
 from steering.spec import AblateEdit, AddEdit, ClampEdit, Edit, InterventionSpec, ReadSpec
 
 Action = Literal["annotate", "alert", "stop"]
@@ -95,8 +97,22 @@ def parse_policy(document: str) -> Policy:
         return Policy.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "policy"
-        raise invalid(f"policy_json.{where}", first["msg"]) from exc
+        raise invalid(f"policy_json{_path(first['loc'])}", first["msg"].removeprefix("Value error, ")) from exc
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    """('monitors', 0, 'action') -> '.monitors[0].action'."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+
+
+def rename_field(exc: SteerwatchError, rename: Callable[[str, int], str]) -> SteerwatchError:
+    """Re-point an error that names ``edits[i]``/``reads[i]`` of a merged spec at the entry the client
+    wrote: ``rename("edits", i)`` returns e.g. ``policy.steering[1]`` or ``steering[0]``."""
+    match = re.match(r"^(edits|reads)\[(\d+)\](.*)$", exc.field or "")
+    if match is None:
+        return exc
+    field = rename(match.group(1), int(match.group(2))) + match.group(3)
+    return type(exc)(str(exc).replace(exc.field or "", field, 1), field=field)
 
 
 def scoped(tenant: str, vector_id: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 from monitors.probes import load_probe
 from service.app import App
 from service.metrics import Metrics
+from service.policy import Policy, PolicyLimits
 from service.protos import (
     alert_pb2,
     alert_pb2_grpc,
@@ -117,12 +118,18 @@ async def start_replica(settings: Settings, *, lm: Any = None, store: Store | No
         store = await open_store(settings.redis_url, alert_maxlen=settings.alert_stream_maxlen)
     metrics = Metrics()
     metrics_port = metrics.start_http(settings.metrics_port, settings.host)
-    app = App(engine, store, metrics, lm.name, sae_ids=sae_ids, probe_ids=probe_ids)
+    lim = settings.limits
+    fallback = Policy(limits=PolicyLimits(max_abs_coef=lim.max_abs_coef, max_tokens=lim.max_new_tokens,
+                                          default_max_tokens=lim.default_max_tokens))
+    app = App(engine, store, metrics, lm.name, sae_ids=sae_ids, probe_ids=probe_ids, fallback_policy=fallback,
+              request_timeout_s=lim.request_timeout_seconds)
     handle = build_server(settings, store, metrics, _servicers(app))
     app.draining = handle.draining
     await handle.start()
     admin_key = None
-    if settings.bootstrap_admin_key is None:  # development: mint one and tell the operator
+    if settings.bootstrap_admin_key is None and settings.redis_url is None:
+        # development with the in-memory store: mint a key for this process and tell the operator
+        # (with Redis, keys outlive the process: create them with `steerwatch keys create`)
         admin_key = "sw_admin_" + secrets.token_urlsafe(24)
         await store.add_key(admin_key, "admin", "admin")
     tasks = [asyncio.create_task(follow_invalidations(store, app.policies, app.vectors))]

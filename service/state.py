@@ -12,7 +12,7 @@ import logging
 from service.policy import EMPTY_POLICY, Policy, parse_policy, scoped
 from service.store.base import Store
 from steering.errors import NotFound
-from steering.registry import Registry
+from steering.registry import Registry, check_id
 from steering.vectors import vector_from_bytes
 
 log = logging.getLogger(__name__)
@@ -21,34 +21,47 @@ log = logging.getLogger(__name__)
 class PolicyCache:
     """(tenant, name) -> (version, Policy) of the latest version; the default pointer per tenant."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, fallback: Policy = EMPTY_POLICY) -> None:
         self.store = store
+        self.fallback = fallback  # for tenants with no default policy: the server's own limits
         self._policies: dict[tuple[str, str], tuple[int, Policy]] = {}
         self._defaults: dict[str, str | None] = {}
+        # bumped by every invalidation: a read that started before one must not be cached after it
+        self._generation = 0
 
     async def resolve(self, tenant: str, name: str) -> tuple[str, int, Policy]:
         """The named policy, or the tenant's default when ``name`` is empty (none: an empty policy)."""
         if not name:
-            if tenant not in self._defaults:
-                self._defaults[tenant] = await self.store.default_policy(tenant)
-            default = self._defaults[tenant]
+            default = self._defaults.get(tenant, "")
+            if default == "":
+                gen = self._generation
+                default = await self.store.default_policy(tenant)
+                if gen == self._generation:
+                    self._defaults[tenant] = default
             if default is None:
-                return "", 0, EMPTY_POLICY
+                return "", 0, self.fallback
             name = default
+        check_id(name, "policy")
         key = (tenant, name)
-        if key not in self._policies:
+        cached = self._policies.get(key)
+        if cached is None:
+            gen = self._generation
             record = await self.store.get_policy(tenant, name)
             if record is None:
                 raise NotFound(f"policy: no policy named {name!r} for this tenant", field="policy")
-            self._policies[key] = (record.version, parse_policy(record.document))
-        version, policy = self._policies[key]
+            cached = (record.version, parse_policy(record.document))
+            if gen == self._generation:
+                self._policies[key] = cached
+        version, policy = cached
         return name, version, policy
 
     def invalidate(self, tenant: str, name: str) -> None:
+        self._generation += 1
         self._policies.pop((tenant, name), None)
         self._defaults.pop(tenant, None)
 
     def clear(self) -> None:
+        self._generation += 1
         self._policies.clear()
         self._defaults.clear()
 
@@ -58,18 +71,26 @@ class TenantVectors:
 
     def __init__(self, store: Store, registry: Registry) -> None:
         self.store, self.registry = store, registry
+        self._generation = 0  # bumped by every invalidation (see PolicyCache)
 
     async def ensure(self, tenant: str, vector_ids: set[str], field: str = "vector_id") -> None:
         for vid in sorted(vector_ids):
+            check_id(vid, field)
             key = scoped(tenant, vid)
             if self.registry.has("vector", key):
                 continue
+            gen = self._generation
             record = await self.store.get_vector(tenant, vid)
             if record is None:
                 raise NotFound(f"{field}: no vector {vid!r} for this tenant", field=field)
-            self.registry.add_vector(key, vector_from_bytes(record.blob, field), replace=True)
+            vec = vector_from_bytes(record.blob, field)
+            if gen != self._generation:  # replaced or deleted while we read: read again
+                await self.ensure(tenant, {vid}, field)
+                continue
+            self.registry.add_vector(key, vec, replace=True)
 
     def invalidate(self, tenant: str, vector_id: str) -> None:
+        self._generation += 1
         self.registry.remove("vector", scoped(tenant, vector_id), missing_ok=True)
 
 

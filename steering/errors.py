@@ -54,6 +54,12 @@ class Unavailable(SteerwatchError):
     grpc_status = "UNAVAILABLE"
 
 
+class DeadlineExceeded(SteerwatchError):
+    """A server-side time limit ran out before the operation finished."""
+
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
 def invalid(field: str, message: str) -> InvalidArgument:
     """Build an InvalidArgument whose message starts with the field name."""
     return InvalidArgument(f"{field}: {message}", field=field)

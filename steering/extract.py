@@ -2,7 +2,9 @@
 
 v[L] = mean over positive texts of the residual stream at the chosen position, minus the same over
 negative texts. Position "last" takes the final token (the answer letter in A/B prompts); "mean"
-averages over all tokens of each text.
+averages over the tokens of each text except the first: the first position (BOS) is an attention
+sink whose residual norm is orders of magnitude larger (~55,000 on Gemma 3 270M against a few hundred
+elsewhere), so with texts of different lengths it would dominate the difference of means.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def activations(model: nn.Module, layers: nn.ModuleList, encode: Encode, texts: 
             model(input_ids=ids, use_cache=False)
             for layer in which:
                 h = store[layer][0]
-                out[layer].append(h[-1] if position == "last" else h.mean(0))
+                out[layer].append(h[-1] if position == "last" else h[1:].mean(0) if h.shape[0] > 1 else h[0])
     return {layer: torch.stack(v).cpu() for layer, v in out.items()}
 
 

@@ -11,7 +11,7 @@ import torch
 
 from service.app import App
 from service.context import tenant_for
-from service.policy import parse_policy, resolve
+from service.policy import parse_policy, rename_field, resolve
 from service.protos import (
     alert_pb2_grpc,
     model_pb2,
@@ -21,10 +21,10 @@ from service.protos import (
     vector_pb2,
     vector_pb2_grpc,
 )
-from service.servicers.chat import _vector_ids, alert_from_fields
+from service.servicers.chat import alert_from_fields
 from service.store.base import PolicyRecord, VectorRecord
 from steering.compile import compile_spec
-from steering.errors import NotFound, invalid
+from steering.errors import NotFound, SteerwatchError, invalid
 from steering.extract import mean_difference
 from steering.registry import check_id
 from steering.tensors import require_index
@@ -57,13 +57,26 @@ class PolicyServicer(_PolicyServicerBase):
         return _policy_proto(record)
 
     async def _check_references(self, tenant: str, policy: Any) -> None:
-        """Refuse a policy whose vectors, layers, features or SAEs cannot be used on this model."""
-        spec, rules, _ = resolve(policy, tenant, [], [])
-        await self.app.vectors.ensure(tenant, _vector_ids(spec, rules), field="policy_json.vector")
-        compile_spec(spec, self.app.registry, self.app.engine.shape, self.app.engine.limits)
+        """Refuse a policy whose vectors, layers, features or SAEs cannot be used on this model; errors
+        name the policy's own entry (``policy_json.steering[1].layers``)."""
+        for i, e in enumerate(policy.steering):
+            if getattr(e, "vector", None) is not None:
+                await self.app.vectors.ensure(tenant, {e.vector}, field=f"policy_json.steering[{i}].vector")
+        for i, m in enumerate(policy.monitors):
+            if m.kind == "direction":
+                await self.app.vectors.ensure(tenant, {m.source}, field=f"policy_json.monitors[{i}].source")
+        spec, _, _ = resolve(policy, tenant, [], [])
+        try:
+            compile_spec(spec, self.app.registry, self.app.engine.shape, self.app.engine.limits)
+        except SteerwatchError as exc:
+            names = {"edits": "steering", "reads": "monitors"}
+            raise rename_field(exc, lambda kind, i: f"policy_json.{names[kind]}[{i}]") from exc
 
     async def GetPolicy(self, request: Any, context: Any) -> Any:  # noqa: N802
         tenant = tenant_for(request.tenant)
+        check_id(request.name, "name")
+        if request.version < 0:
+            raise invalid("version", f"{request.version} is negative; 0 = latest, or a version >= 1")
         record = await self.app.store.get_policy(tenant, request.name, request.version or None)
         if record is None:
             raise NotFound(f"name: no policy {request.name!r}" + (f" version {request.version}" if request.version else ""),
@@ -76,6 +89,7 @@ class PolicyServicer(_PolicyServicerBase):
 
     async def DeletePolicy(self, request: Any, context: Any) -> Any:  # noqa: N802
         tenant = tenant_for(request.tenant)
+        check_id(request.name, "name")
         deleted = await self.app.store.delete_policy(tenant, request.name)
         if not deleted:
             raise NotFound(f"name: no policy {request.name!r}", field="name")
@@ -107,6 +121,8 @@ class VectorServicer(_VectorServicerBase):
         per_layer = {}
         for i, lv in enumerate(request.layers):
             require_index(lv.layer, self.app.engine.shape.n_layers, f"layers[{i}].layer")
+            if lv.layer in per_layer:
+                raise invalid(f"layers[{i}].layer", f"layer {lv.layer} appears twice; give one entry per layer")
             if len(lv.values) != self.app.engine.shape.d_model:
                 raise invalid(f"layers[{i}].values", f"has {len(lv.values)} values; this model needs d_model="
                               f"{self.app.engine.shape.d_model}")
@@ -161,6 +177,7 @@ class VectorServicer(_VectorServicerBase):
         return vector_pb2.ListVectorsResponse(vectors=[_vector_info(r) for r in records])
 
     async def GetVector(self, request: Any, context: Any) -> Any:  # noqa: N802
+        check_id(request.vector_id, "vector_id")
         record = await self.app.store.get_vector(tenant_for(request.tenant), request.vector_id)
         if record is None:
             raise NotFound(f"vector_id: no vector {request.vector_id!r}", field="vector_id")
@@ -168,6 +185,7 @@ class VectorServicer(_VectorServicerBase):
 
     async def DeleteVector(self, request: Any, context: Any) -> Any:  # noqa: N802
         tenant = tenant_for(request.tenant)
+        check_id(request.vector_id, "vector_id")
         if not await self.app.store.delete_vector(tenant, request.vector_id):
             raise NotFound(f"vector_id: no vector {request.vector_id!r}", field="vector_id")
         await self.app.store.publish_invalidation(tenant, "vector", request.vector_id)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,10 +19,10 @@ from service.convert import (
     sampling_from_proto,
 )
 from service.engines.types import FinalEvent, GenerationRequest, PromptEvent, TokenEvent
-from service.policy import MonitorRule, resolve
+from service.policy import MonitorRule, rename_field, resolve
 from service.protos import chat_pb2, chat_pb2_grpc
 from service.rules import PROMPT, Firing, RuleSet
-from steering.errors import SteerwatchError
+from steering.errors import DeadlineExceeded, SteerwatchError
 from steering.spec import AblateEdit, AddEdit
 
 EXCERPT_CHARS = 120
@@ -57,11 +57,15 @@ class ChatServicer(_ChatServicerBase):
             raise _in_request_terms(exc, prepared) from exc
         self.app.metrics.observe_engine(self.app.engine.running, self.app.engine.queued)
         try:
-            async for ev in stream:
-                for resp in await session.on_event(ev):
-                    yield resp
-                if session.stopped:
-                    stream.cancel()
+            async with asyncio.timeout(self.app.request_timeout_s):
+                async for ev in stream:
+                    for resp in await session.on_event(ev):
+                        yield resp
+                    if session.stopped:
+                        stream.cancel()
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"request_timeout_seconds: the generation ran past the server's limit of "
+                                   f"{self.app.request_timeout_s} s", field="request_timeout_seconds") from exc
         finally:
             stream.cancel()  # client gone, deadline or error: free the engine slot now
             self.app.metrics.observe_engine(self.app.engine.running, self.app.engine.queued)
@@ -80,15 +84,14 @@ class ChatServicer(_ChatServicerBase):
 def _in_request_terms(exc: SteerwatchError, prepared: Prepared) -> SteerwatchError:
     """The engine names ``edits[i]``/``reads[i]`` of the merged spec; the client sent policy entries and
     request entries, so say which one (``policy.steering[1]`` or ``steering[0]``)."""
-    match = re.match(r"^(edits|reads)\[(\d+)\](.*)$", exc.field or "")
-    if match is None:
-        return exc
-    kind, index, rest = match.group(1), int(match.group(2)), match.group(3)
-    n_policy = prepared.origins.count("policy") if kind == "edits" else len(prepared.rules) - len(prepared.request_monitors)
-    name = "steering" if kind == "edits" else "monitors"
-    field = f"policy.{name}[{index}]{rest}" if index < n_policy else f"{name}[{index - n_policy}]{rest}"
-    message = str(exc).replace(exc.field or "", field, 1)
-    return type(exc)(message, field=field)
+    n_edits = prepared.origins.count("policy")
+    n_reads = len(prepared.rules) - len(prepared.request_monitors)
+
+    def rename(kind: str, index: int) -> str:
+        name, n = ("steering", n_edits) if kind == "edits" else ("monitors", n_reads)
+        return f"policy.{name}[{index}]" if index < n else f"{name}[{index - n}]"
+
+    return rename_field(exc, rename)
 
 
 def _vector_ids(spec: Any, rules: list[MonitorRule]) -> set[str]:
@@ -118,8 +121,11 @@ class Session:
     async def _token(self, ev: TokenEvent) -> list[Any]:
         if self.stopped:  # the engine may emit one more token before the cancel lands
             return []
-        out = [await self._alert(f, ev.token) for f in self.rules.on_token(ev.index, ev.readings)]
-        if self.stopped:  # a stop monitor fired on the state that chose this token: withhold it
+        firings = self.rules.on_token(ev.index, ev.readings)
+        # a stop monitor fired on the state that chose this token: withhold it, from excerpts too
+        withheld = any(f.rule.action == "stop" for f in firings)
+        out = [await self._alert(f, "" if withheld else ev.text) for f in firings]
+        if self.stopped:
             return out
         self.text += ev.text
         readings = ev.readings if self.include_readings else {}
