@@ -10,7 +10,7 @@ import asyncio
 import logging
 
 from service.policy import EMPTY_POLICY, Policy, parse_policy, scoped
-from service.store.base import Store
+from service.store.base import SUBSCRIBED, Store
 from steering.errors import NotFound
 from steering.registry import Registry, check_id
 from steering.vectors import vector_from_bytes
@@ -93,19 +93,32 @@ class TenantVectors:
         self._generation += 1
         self.registry.remove("vector", scoped(tenant, vector_id), missing_ok=True)
 
+    def clear(self) -> None:
+        """Drop every tenant vector from the registry (server-loaded ids have no '/')."""
+        self._generation += 1
+        for key in self.registry.ids("vector"):
+            if "/" in key:
+                self.registry.remove("vector", key, missing_ok=True)
+
 
 async def follow_invalidations(store: Store, policies: PolicyCache, vectors: TenantVectors) -> None:
-    """Apply invalidation messages from every replica until cancelled."""
+    """Apply invalidation messages from every replica until cancelled.
+
+    Each time the subscription becomes active (first start and every reconnect) both caches are
+    dropped: changes made while no subscription was listening were never announced to this replica.
+    """
     while True:
         try:
             async for tenant, kind, name in store.invalidations():
-                if kind == "policy":
+                if (tenant, kind, name) == SUBSCRIBED:
+                    policies.clear()
+                    vectors.clear()
+                elif kind == "policy":
                     policies.invalidate(tenant, name)
                 elif kind == "vector":
                     vectors.invalidate(tenant, name)
         except asyncio.CancelledError:
             raise
-        except Exception:  # the store reconnects; meanwhile caches may be stale, so drop them all
-            log.exception("invalidation stream broke; retrying")
-            policies.clear()
+        except Exception:  # the store reconnects on the next subscription; caches are dropped then
+            log.exception("invalidation stream broke; resubscribing")
             await asyncio.sleep(1.0)

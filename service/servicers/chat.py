@@ -57,15 +57,11 @@ class ChatServicer(_ChatServicerBase):
             raise _in_request_terms(exc, prepared) from exc
         self.app.metrics.observe_engine(self.app.engine.running, self.app.engine.queued)
         try:
-            async with asyncio.timeout(self.app.request_timeout_s):
-                async for ev in stream:
-                    for resp in await session.on_event(ev):
-                        yield resp
-                    if session.stopped:
-                        stream.cancel()
-        except TimeoutError as exc:
-            raise DeadlineExceeded(f"request_timeout_seconds: the generation ran past the server's limit of "
-                                   f"{self.app.request_timeout_s} s", field="request_timeout_seconds") from exc
+            async for ev in _until_deadline(stream, self.app.request_timeout_s):
+                for resp in await session.on_event(ev):
+                    yield resp
+                if session.stopped:
+                    stream.cancel()
         finally:
             stream.cancel()  # client gone, deadline or error: free the engine slot now
             self.app.metrics.observe_engine(self.app.engine.running, self.app.engine.queued)
@@ -79,6 +75,27 @@ class ChatServicer(_ChatServicerBase):
         gen = GenerationRequest(prompt=prompt_from_proto(request), sampling=sampling, interventions=spec,
                                 request_id=current_request_id())
         return Prepared(gen, rules, origins, name, version, {m.name for m in extra_monitors})
+
+
+async def _until_deadline(stream: Any, timeout_s: float | None) -> AsyncIterator[Any]:
+    """The engine's events, with the server's own time limit on waiting for them. The limit covers
+    only the engine, never the writes to the client: a timeout raised while a write waits on a slow
+    reader would end the call as a bare cancellation, with no status for the client."""
+    if timeout_s is None:
+        async for ev in stream:
+            yield ev
+        return
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            ev = await asyncio.wait_for(anext(stream), max(remaining, 0.0))
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"request_timeout_seconds: the generation ran past the server's limit of "
+                                   f"{timeout_s} s", field="request_timeout_seconds") from exc
+        yield ev
 
 
 def _in_request_terms(exc: SteerwatchError, prepared: Prepared) -> SteerwatchError:

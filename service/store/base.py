@@ -15,6 +15,10 @@ from typing import Literal
 
 Role = Literal["admin", "tenant"]
 
+# First item of every invalidations() stream: from here on no message can be missed, so a subscriber
+# that (re)connects clears its caches on it instead of guessing when the subscription became active.
+SUBSCRIBED: tuple[str, str, str] = ("", "subscribed", "")
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -132,7 +136,8 @@ class Store(ABC):
 
     @abstractmethod
     def invalidations(self) -> AsyncIterator[tuple[str, str, str]]:
-        """(tenant, kind, name) messages published by any replica, this one included."""
+        """``SUBSCRIBED`` once the subscription is active, then (tenant, kind, name) messages published by
+        any replica, this one included."""
 
     @abstractmethod
     async def ping(self) -> bool: ...

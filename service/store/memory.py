@@ -13,7 +13,7 @@ import bisect
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from service.store.base import PolicyRecord, Principal, Role, Store, StoredAlert, VectorRecord
+from service.store.base import SUBSCRIBED, PolicyRecord, Principal, Role, Store, StoredAlert, VectorRecord
 from service.store.common import (
     StreamId,
     check_fields,
@@ -186,6 +186,7 @@ class MemoryStore(Store):
         queue: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
         self._subscribers.add(queue)  # subscribed from the first __anext__ on
         try:
+            yield SUBSCRIBED
             while True:
                 yield await queue.get()
         finally:

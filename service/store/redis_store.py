@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.store import redis_layout as lua
-from service.store.base import PolicyRecord, Principal, Role, Store, StoredAlert, VectorRecord
+from service.store.base import SUBSCRIBED, PolicyRecord, Principal, Role, Store, StoredAlert, VectorRecord
 from service.store.common import (
     check_fields,
     check_key_args,
@@ -221,10 +221,15 @@ class RedisStore(Store):
         await self._r.publish(self._k.invalidate, message)
 
     async def invalidations(self) -> AsyncIterator[tuple[str, str, str]]:
-        pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._r.pubsub()
         try:
             await pubsub.subscribe(self._k.invalidate)  # sent on the first __anext__, before any wait
             async for message in pubsub.listen():
+                if message["type"] == "subscribe":  # the server confirmed: nothing published from now is missed
+                    yield SUBSCRIBED
+                    continue
+                if message["type"] != "message":
+                    continue
                 try:
                     body = json.loads(message["data"])
                     item = (body["tenant"], body["kind"], body["name"])

@@ -28,14 +28,14 @@ def test_valid_policy_round_trips():
 @pytest.mark.parametrize("doc, field", [
     ("{not json", "policy_json"),
     ("[1, 2]", "policy_json"),
-    (json.dumps({"monitors": [{"name": "x", "kind": "probe", "source": "p"}]}), "policy_json.monitors.0.threshold"),
+    (json.dumps({"monitors": [{"name": "x", "kind": "probe", "source": "p"}]}), "policy_json.monitors[0].threshold"),
     (json.dumps({"steering": [{"kind": "add", "vector": "v", "coef": 9}]}), "policy_json"),
-    (json.dumps({"steering": [{"kind": "teleport"}]}), "policy_json.steering.0"),
+    (json.dumps({"steering": [{"kind": "teleport"}]}), "policy_json.steering[0]"),
     (json.dumps({"limits": {"max_tokens": 0}}), "policy_json.limits.max_tokens"),
     (json.dumps({"surprise": 1}), "policy_json.surprise"),
     (json.dumps({"monitors": [{"name": "x", "kind": "probe", "source": "p", "threshold": 1, "action": "steer"}]}),
-     "policy_json.monitors.0.action"),
-    ('{"monitors": [{"name": "x", "kind": "probe", "source": "p", "threshold": NaN}]}', "policy_json.monitors.0.threshold"),
+     "policy_json.monitors[0].action"),
+    ('{"monitors": [{"name": "x", "kind": "probe", "source": "p", "threshold": NaN}]}', "policy_json.monitors[0].threshold"),
 ])
 def test_malformed_policies_name_the_field(doc, field):
     with pytest.raises(InvalidArgument) as info:

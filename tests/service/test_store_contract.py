@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import pytest
 
 from service.store import MemoryStore, RedisStore, Store, StoredAlert, VectorRecord, open_store
+from service.store.base import SUBSCRIBED
 from service.store.common import hash_secret, parse_stream_id
 from steering.errors import AlreadyExists, InvalidArgument, Unavailable
 from tests.service.store_fixtures import (
@@ -395,7 +396,8 @@ def test_every_subscriber_sees_invalidations_in_order(store: Store, run: Run[Non
             await store.publish_invalidation(*message)
         for inbox in inboxes:
             await eventually(_last_is(inbox, sent[-1]), "the last invalidation")
-            assert [m for m in inbox if m[0] != "probe"] == sent
+            assert inbox[0] == SUBSCRIBED  # announced once the subscription is live
+            assert [m for m in inbox if m[0] not in ("probe", "")] == sent
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
