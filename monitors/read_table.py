@@ -45,6 +45,7 @@ class ReadTable:
     is_cosine: torch.Tensor | None = None
     saes: list[SaeColumns] = field(default_factory=list)
     n_columns: int = 0
+    any_cosine: bool = False  # the token norms are computed only when a cosine reader needs them
 
     def read(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
@@ -52,8 +53,10 @@ class ReadTable:
         if self.weight is not None:
             z = torch.addmm(self.bias, h, self.weight.T)  # type: ignore[arg-type]
             z = torch.where(self.is_sigmoid, torch.sigmoid(z), z)  # type: ignore[arg-type]
-            norm = h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            parts.append(torch.where(self.is_cosine, z / norm, z))  # type: ignore[arg-type]
+            if self.any_cosine:
+                norm = h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                z = torch.where(self.is_cosine, z / norm, z)  # type: ignore[arg-type]
+            parts.append(z)
         for group in self.saes:
             x_norm, _ = group.sae.normalize(h)
             parts.append(group.sae.encode_features_normalized(x_norm, group.feats))
@@ -70,6 +73,7 @@ def build_read_table(reads: list[ReadSource], device: torch.device) -> tuple[Rea
         table.bias = torch.tensor([r.reader.bias for r in linear], device=device)
         table.is_sigmoid = torch.tensor([r.reader.transform == "sigmoid" for r in linear], device=device)
         table.is_cosine = torch.tensor([r.reader.transform == "cosine" for r in linear], device=device)
+        table.any_cosine = any(r.reader.transform == "cosine" for r in linear)
         columns.update({r.key: i for i, r in enumerate(linear)})
     col = len(linear)
     by_sae: dict[int, tuple[Any, list[int]]] = {}

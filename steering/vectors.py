@@ -9,12 +9,13 @@ the first layer's vector, for humans) and ``d_model``. One file may hold a diffe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from steering.errors import invalid
 from steering.tensors import checked
@@ -53,7 +54,7 @@ class SteeringVector:
 
 
 def make_vector(per_layer: dict[int, torch.Tensor], *, model: str = "", method: str = "manual",
-                source: str = "", field_name: str = "vector") -> SteeringVector:
+                source: str = "", meta: dict[str, str] | None = None, field_name: str = "vector") -> SteeringVector:
     """Validate tensors (float, finite, same [d_model] shape) and build a SteeringVector."""
     if not per_layer:
         raise invalid(field_name, "no layers given; at least one layer.<L> tensor is required")
@@ -66,10 +67,11 @@ def make_vector(per_layer: dict[int, torch.Tensor], *, model: str = "", method: 
         if layer < 0:
             raise invalid(f"{field_name}.layer", f"{layer} is negative; layers are 0-based")
         clean[int(layer)] = checked(t, (d_model,), f"{field_name}.layer.{layer}")
-    return SteeringVector(clean, d_model, model=model, method=method, source=source)
+    return SteeringVector(clean, d_model, model=model, method=method, source=source, meta=dict(meta or {}))
 
 
-def _metadata(vec: SteeringVector) -> dict[str, str]:
+def vector_metadata(vec: SteeringVector) -> dict[str, str]:
+    """The string metadata a vector file carries (written by save_vector and vector_to_bytes)."""
     meta = dict(vec.meta)
     meta.update({
         "steerwatch.kind": KIND, "model": vec.model, "method": vec.method, "source": vec.source,
@@ -82,21 +84,23 @@ def _metadata(vec: SteeringVector) -> dict[str, str]:
 def save_vector(vec: SteeringVector, path: str | Path) -> None:
     """Write ``vec`` as a steerwatch vector file."""
     save_file({f"layer.{layer}": t.contiguous() for layer, t in vec.per_layer.items()}, str(path),
-              metadata=_metadata(vec))
+              metadata=vector_metadata(vec))
 
 
 def load_vector(path: str | Path, field_name: str = "vector") -> SteeringVector:
     """Read and validate a vector file; errors name the file and the offending tensor."""
-    p = Path(path)
-    tensors, meta = read_tensor_file(p, field_name)
+    tensors, meta = read_tensor_file(Path(path), field_name)
+    return _vector_from(tensors, meta, repr(str(path)), field_name)
+
+
+def _vector_from(tensors: dict[str, torch.Tensor], meta: dict[str, str], where: str, field_name: str) -> SteeringVector:
     per_layer = {}
     for name, t in tensors.items():
         if not name.startswith("layer.") or not name[6:].isdigit():
-            raise invalid(field_name, f"{str(p)!r} has tensor {name!r}; vector files hold only layer.<L> tensors")
+            raise invalid(field_name, f"{where} has tensor {name!r}; vector files hold only layer.<L> tensors")
         per_layer[int(name[6:])] = t
-    vec = make_vector(per_layer, model=meta.get("model", ""), method=meta.get("method", "manual"),
-                      source=meta.get("source", ""), field_name=field_name)
-    return SteeringVector(vec.per_layer, vec.d_model, vec.model, vec.method, vec.source, meta)
+    return make_vector(per_layer, model=meta.get("model", ""), method=meta.get("method", "manual"),
+                       source=meta.get("source", ""), meta=meta, field_name=field_name)
 
 
 def read_tensor_file(path: Path, field_name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -117,17 +121,15 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def vector_to_bytes(vec: SteeringVector) -> bytes:
     """The vector file's bytes (same format as save_vector), for stores that keep blobs."""
-    from safetensors.torch import save
-
-    meta = _metadata(vec)
-    return save({f"layer.{layer}": t.contiguous() for layer, t in vec.per_layer.items()}, metadata=meta)
+    return save({f"layer.{layer}": t.contiguous() for layer, t in vec.per_layer.items()}, metadata=vector_metadata(vec))
 
 
 def vector_from_bytes(blob: bytes, field_name: str = "vector") -> SteeringVector:
-    """Parse and validate vector file bytes."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".safetensors") as fh:
-        fh.write(blob)
-        fh.flush()
-        return load_vector(fh.name, field_name)
+    """Parse and validate vector file bytes (no temporary file)."""
+    try:
+        tensors = load(blob)
+        header_len = int.from_bytes(blob[:8], "little")
+        meta = json.loads(blob[8:8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError) as exc:
+        raise invalid(field_name, f"is not a readable safetensors blob ({exc})") from exc
+    return _vector_from(tensors, meta, "the blob", field_name)

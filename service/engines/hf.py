@@ -283,7 +283,7 @@ class HFEngine:
             mask[i, width - len(s.prompt_ids):] = 1
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         plan = _plan_for([s.compiled for s in new], self.shape.d_model, dev)
-        rows = torch.tensor([[row_of(i, "prompt") for _ in range(width)] for i in range(len(new))]) * mask
+        rows = torch.tensor([row_of(i, "prompt") for i in range(len(new))])[:, None] * mask  # pads: row 0
         cache = DynamicCache(config=self.lm.model.config)
         logits = self._forward(ids, mask, pos, cache, plan, rows.reshape(-1))
         reads = self._host_reads(plan)

@@ -28,7 +28,7 @@ from steering.errors import NotFound, SteerwatchError, invalid
 from steering.extract import mean_difference
 from steering.registry import check_id
 from steering.tensors import require_index
-from steering.vectors import SteeringVector, make_vector, vector_from_bytes, vector_to_bytes
+from steering.vectors import SteeringVector, make_vector, vector_metadata, vector_to_bytes
 
 MAX_PAIRS = 256
 
@@ -166,7 +166,8 @@ class VectorServicer(_VectorServicerBase):
 
     async def _store(self, tenant: str, vector_id: str, vec: SteeringVector, replace: bool) -> Any:
         blob = vector_to_bytes(vec)
-        record = VectorRecord(tenant, vector_id, blob, _meta_of(blob), int(time.time() * 1000))
+        meta = {k: v for k, v in vector_metadata(vec).items() if k != "steerwatch.kind"}
+        record = VectorRecord(tenant, vector_id, blob, meta, int(time.time() * 1000))
         await self.app.store.put_vector(record, replace=replace)
         await self.app.store.publish_invalidation(tenant, "vector", vector_id)
         self.app.vectors.invalidate(tenant, vector_id)
@@ -191,11 +192,6 @@ class VectorServicer(_VectorServicerBase):
         await self.app.store.publish_invalidation(tenant, "vector", request.vector_id)
         self.app.vectors.invalidate(tenant, request.vector_id)
         return vector_pb2.DeleteVectorResponse(deleted=True)
-
-
-def _meta_of(blob: bytes) -> dict[str, str]:
-    vec = vector_from_bytes(blob)
-    return {k: v for k, v in vec.meta.items() if k != "steerwatch.kind"}
 
 
 _AlertServicerBase: Any = alert_pb2_grpc.AlertServiceServicer  # generated module: opaque to mypy
