@@ -41,26 +41,31 @@ def edits_from_proto(entries: Any) -> list[Edit]:
 
 def _edit(e: Any, where: str) -> Edit:
     kind = e.WhichOneof("edit")
+    when = e.when or None
     if kind == "add":
         a = e.add
         return build(AddEdit, where, vector=a.vector_id, coef=a.coef, layers=list(a.layers) or None,
-                     phase=PHASES[a.phase])
+                     phase=PHASES[a.phase], when=when)
     if kind == "ablate":
         b = e.ablate
         layers: Any = "all" if b.all_layers else list(b.layers)
-        return build(AblateEdit, where, vector=b.vector_id, layers=layers, phase=PHASES[b.phase])
+        return build(AblateEdit, where, vector=b.vector_id, layers=layers, phase=PHASES[b.phase], when=when)
     if kind == "clamp":
         c = e.clamp
         return build(ClampEdit, where, sae=c.sae_id, feature=c.feature, value=c.value,
                      mode="max_multiple" if c.max_multiple else "absolute",
-                     layer=c.layer if c.has_layer else None, phase=PHASES[c.phase])
+                     layer=c.layer if c.has_layer else None, phase=PHASES[c.phase], when=when)
     raise invalid(where, "names no edit; set one of add, ablate, clamp")
 
 
 def monitors_from_proto(items: Any) -> list[MonitorRule]:
+    """Request monitors; zero values mean the rule's defaults (proto3 has no presence for scalars)."""
     return [build(MonitorRule, f"monitors[{i}]", name=m.name, kind=m.kind, source=m.source,
                   layer=m.layer if m.has_layer else None, feature=m.feature if m.kind == "sae_feature" else None,
-                  threshold=m.threshold, action=m.action or "annotate") for i, m in enumerate(items)]
+                  threshold=m.threshold, action=m.action or "annotate", aggregation=m.aggregation or "max",
+                  window=m.window or 1, alpha=m.alpha or 0.5, count=m.count or 1, hysteresis=m.hysteresis,
+                  scope=m.scope or "generation", metric=m.metric or "dot", explain=m.explain)
+            for i, m in enumerate(items)]
 
 
 def sampling_from_proto(sp: Any, limits: PolicyLimits) -> Sampling:
@@ -94,5 +99,5 @@ def applied_to_proto(applied: list[dict[str, Any]], origins: list[str]) -> list[
         out.append(common_pb2.AppliedSteering(
             kind=entry["kind"], source=unscoped(source), value=float(entry.get("coef", entry.get("target", 0.0))),
             layers=entry.get("layers", []), phase=entry.get("phase", "both"), feature=int(entry.get("feature", 0)),
-            origin=origin))
+            origin=origin, when=entry.get("when", "")))
     return out

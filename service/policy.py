@@ -15,19 +15,20 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from monitors.rules import RuleSpec
 from steering.errors import InvalidArgument, LimitExceeded, SteerwatchError, invalid
-from steering.spec import AblateEdit, AddEdit, ClampEdit, Edit, InterventionSpec, ReadSpec
+from steering.spec import MAX_GATES, AblateEdit, AddEdit, ClampEdit, Edit, GateSpec, InterventionSpec, ReadSpec
 
-Action = Literal["annotate", "alert", "stop"]
-ACTIONS = ("annotate", "alert", "stop")
+Action = Literal["annotate", "alert", "stop", "steer"]
+ACTIONS = ("annotate", "alert", "stop", "steer")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class MonitorRule(_Strict):
-    """A reading plus the rule that turns its per-token scores into alerts."""
+class MonitorRule(RuleSpec):
+    """A reading plus the rule that turns its per-token scores into alerts (see monitors.rules)."""
 
     name: str = Field(min_length=1, max_length=64, description="label in readings, alerts and metrics")
     kind: Literal["probe", "direction", "sae_feature"]
@@ -35,18 +36,14 @@ class MonitorRule(_Strict):
     layer: int | None = Field(None, description="layer; default: the source's own layer")
     feature: int | None = Field(None, ge=0, description="SAE feature (sae_feature only)")
     metric: Literal["dot", "cosine"] = "dot"
-    threshold: float = Field(description="the monitor fires when the aggregated score exceeds this")
-    aggregation: Literal["max", "mean"] = Field("max", description="max: any token; mean: mean of the last `window` tokens")
-    window: int = Field(1, ge=1, le=1024, description="tokens averaged by aggregation=mean")
-    scope: Literal["prompt", "generation", "both"] = "generation"
-    action: Action = Field("alert", description="annotate (in-band), alert (+ alert stream), stop (+ end the stream)")
+    action: Action = Field("alert", description="annotate (in-band), alert (+ alert stream), stop (+ end the "
+                           "stream), steer (+ switch on the steering entries whose `when` names this monitor)")
+    explain: bool = Field(False, description="attribute the score to prompt tokens when this monitor fires "
+                          "(one extra forward and backward pass; reported in the final record)")
 
-    @field_validator("action", mode="before")
-    @classmethod
-    def _known_action(cls, v: object) -> object:
-        if v == "steer":
-            raise ValueError("'steer' (conditional steering) is not available yet; allowed: annotate, alert, stop")
-        return v
+    @property
+    def spec(self) -> RuleSpec:
+        return RuleSpec.model_validate({k: getattr(self, k) for k in RuleSpec.model_fields})
 
 
 class PolicyLimits(_Strict):
@@ -74,12 +71,30 @@ class Policy(_Strict):
         names = [m.name for m in self.monitors]
         if len(set(names)) != len(names):
             raise ValueError(f"monitor names must be unique; got {names}")
+        check_gates(self.monitors, self.steering, "steering")
         if self.limits.default_max_tokens > self.limits.max_tokens:
             raise ValueError("limits.default_max_tokens must not exceed limits.max_tokens")
         for i, e in enumerate(self.steering):
             if isinstance(e, AddEdit) and abs(e.coef) > self.limits.max_abs_coef:
                 raise ValueError(f"steering[{i}].coef {e.coef} is beyond limits.max_abs_coef {self.limits.max_abs_coef}")
         return self
+
+
+def check_gates(monitors: list[MonitorRule], steering: list, where: str) -> None:
+    """Every `when` names a monitor whose action is steer, and every steer monitor switches something."""
+    steer = [m.name for m in monitors if m.action == "steer"]
+    if len(steer) > MAX_GATES:
+        raise ValueError(f"monitors: at most {MAX_GATES} may have action 'steer'; got {len(steer)}")
+    used = set()
+    for i, e in enumerate(steering):
+        if e.when is not None:
+            if e.when not in steer:
+                raise ValueError(f"{where}[{i}].when: {e.when!r} is not a monitor with action 'steer'; "
+                                 f"allowed: {steer}")
+            used.add(e.when)
+    for i, m in enumerate(monitors):
+        if m.action == "steer" and m.name not in used:
+            raise ValueError(f"monitors[{i}].action: 'steer' but no steering entry names {m.name!r} in `when`")
 
 
 EMPTY_POLICY = Policy()
@@ -97,7 +112,11 @@ def parse_policy(document: str) -> Policy:
         return Policy.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise invalid(f"policy_json{_path(first['loc'])}", first["msg"].removeprefix("Value error, ")) from exc
+        path, msg = _path(first["loc"]), first["msg"].removeprefix("Value error, ")
+        named = re.match(r"^(\w+(?:\[\d+\])?(?:\.\w+)*): (.*)$", msg, re.S)
+        if not path and named:  # a whole-document check names the entry in its message
+            path, msg = f".{named.group(1)}", named.group(2)
+        raise invalid(f"policy_json{path}", msg) from exc
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
@@ -138,10 +157,16 @@ def resolve(policy: Policy, tenant: str, extra_edits: list[Edit], extra_monitors
     names = [m.name for m in monitors]
     if len(set(names)) != len(names):
         raise invalid("monitors", f"names must be unique across the policy and the request; got {names}")
+    try:
+        check_gates(monitors, [*policy.steering, *extra_edits], "steering")
+    except ValueError as exc:
+        field, _, msg = str(exc).partition(": ")
+        raise invalid(field, msg) from exc
     edits = [_scope_edit(e, tenant) for e in [*policy.steering, *extra_edits]]
     reads = [_read_of(m, tenant) for m in monitors]
+    gates = [GateSpec(name=m.name, reading=m.name, **m.spec.model_dump()) for m in monitors if m.action == "steer"]
     origins = ["policy"] * len(policy.steering) + ["request"] * len(extra_edits)
-    return InterventionSpec(edits=edits, reads=reads), monitors, origins
+    return InterventionSpec(edits=edits, reads=reads, gates=gates), monitors, origins
 
 
 def _check_request_edit(e: Edit, lim: PolicyLimits, where: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from monitors.gate import GateGroup, GateMember, GateSeries
 from monitors.read_table import ReadTable, build_read_table
 from steering.compile import PHASE_ROWS, CompiledRequest, LayerEdits, ResolvedRead
 
@@ -38,15 +39,36 @@ class ClampTable:
 
 
 @dataclass
-class LayerTable:
-    """Everything one layer does for one batch composition."""
+class EditTable:
+    """One layer's edits for every row: additions, ablation bases, clamps, and which rows edit."""
 
     add: torch.Tensor | None = None  # [R, d]
     ablate: torch.Tensor | None = None  # [R, K, d], orthonormal rows per table row
     clamps: list[ClampTable] = field(default_factory=list)
     edit_rows: torch.Tensor | None = None  # [R] bool: the row edits anything here
+
+
+@dataclass
+class LayerTable:
+    """Everything one layer does for one batch composition: reads, the gates they feed, edits, and
+    per gate j the edits it switches on."""
+
+    edits: EditTable | None = None
+    gated: list[tuple[int, EditTable]] = field(default_factory=list)
     reads_pre: ReadTable | None = None
     reads_post: ReadTable | None = None
+    gates_pre: GateGroup | None = None
+    gates_post: GateGroup | None = None
+
+
+@dataclass
+class GateStep:
+    """What gates need at every layer of one step: the latches [slots + 1, gates], each row's slot
+    (row 0 maps to the spare slot, whose latches stay off) and the step's [slots, width] layout."""
+
+    fired: torch.Tensor
+    slot_of_row: torch.Tensor
+    grid: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -59,24 +81,31 @@ class ReadSlot:
     column: int
 
 
-def apply_layer(table: LayerTable, x: torch.Tensor, rows: torch.Tensor
+def apply_layer(table: LayerTable, x: torch.Tensor, rows: torch.Tensor, gates: GateStep | None = None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Run one layer's reads and edits. x [T, d] (any float dtype), rows [T] long.
+    """Run one layer's reads, gate updates and edits. x [T, d] (any float dtype), rows [T] long.
 
     Returns (edited x in x's dtype, or None when the layer edits nothing; pre-edit reads [T, n_pre];
-    post-edit reads [T, n_post]). Reads are float32.
+    post-edit reads [T, n_post]). Reads are float32. A gate fed by a pre-edit read switches its edits
+    on at this very layer for the token that fired it.
     """
     pre = table.reads_pre.read(x) if table.reads_pre is not None else None
-    out = None
-    if table.edit_rows is not None:
-        out = _edit(table, x, rows)
+    if table.gates_pre is not None and gates is not None:
+        table.gates_pre.update(pre, rows, gates.grid, gates.fired)  # type: ignore[arg-type]
+    out = _edit(table.edits, x, rows) if table.edits is not None else None
+    for j, edits in table.gated:
+        assert gates is not None, "a plan with gated edits needs its GateStep"
+        on = gates.fired[gates.slot_of_row[rows], j]
+        out = _edit(edits, out if out is not None else x, rows, on)
     post = None
     if table.reads_post is not None:
         post = table.reads_post.read(out if out is not None else x)
+        if table.gates_post is not None and gates is not None:
+            table.gates_post.update(post, rows, gates.grid, gates.fired)
     return out, pre, post
 
 
-def _edit(table: LayerTable, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _edit(table: EditTable, x: torch.Tensor, rows: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
     h = x.float()
     if table.ablate is not None:
         dirs = table.ablate[rows]  # [T, K, d]
@@ -89,12 +118,15 @@ def _edit(table: LayerTable, x: torch.Tensor, rows: torch.Tensor) -> torch.Tenso
     if table.add is not None:
         h = h + table.add[rows]
     assert table.edit_rows is not None
-    active = table.edit_rows[rows][:, None]
-    return torch.where(active, h.to(x.dtype), x)
+    active = table.edit_rows[rows] if gate is None else table.edit_rows[rows] & gate
+    return torch.where(active[:, None], h.to(x.dtype), x)
 
 
 class BatchPlan:
-    """Tables for one batch composition (a list of slots, None for an empty slot)."""
+    """Tables for one batch composition (a list of slots, None for an empty slot).
+
+    A request's gate state outlives the plan (plans are rebuilt whenever the batch changes): the plan
+    stacks it from each request's ``gate_state`` and ``save_gates`` writes it back."""
 
     def __init__(self, requests: list[CompiledRequest | None], d_model: int, device: torch.device | str = "cpu"):
         self.requests = requests
@@ -103,11 +135,47 @@ class BatchPlan:
         self.device = torch.device(device)
         self.tables: dict[int, LayerTable] = {}
         self.read_slots: list[list[ReadSlot]] = [[] for _ in requests]
+        self.n_gates = max((len(r.gates) for r in requests if r is not None), default=0)
+        self.gate_step: GateStep | None = None
+        if self.n_gates:
+            self._init_gates()
         self._build()
 
     @property
     def layers(self) -> list[int]:
         return sorted(self.tables)
+
+    def step(self, grid: tuple[int, int]) -> GateStep | None:
+        """The gate context for a forward over ``grid`` = (slots, tokens per slot); None without gates."""
+        if self.gate_step is None:
+            return None
+        self.gate_step.grid = grid
+        return self.gate_step
+
+    def save_gates(self) -> None:
+        """Write the stacked gate state back into the requests (before this plan is replaced)."""
+        for table in self.tables.values():
+            for group in (table.gates_pre, table.gates_post):
+                if group is not None:
+                    group.export()
+
+    def gate_flags(self) -> torch.Tensor | None:
+        """[slots, gates] latches as of the last forward (slots without a gate j read False)."""
+        return None if self.gate_step is None else self.gate_step.fired[:-1]
+
+    def _init_gates(self) -> None:
+        n = len(self.requests)
+        fired = torch.zeros(n + 1, self.n_gates, dtype=torch.bool, device=self.device)
+        for slot, req in enumerate(self.requests):
+            if req is None:
+                continue
+            if len(req.gate_state) != len(req.gates):
+                req.gate_state = [GateSeries.new(g.spec, self.device) for g in req.gates]
+            for j, st in enumerate(req.gate_state):
+                fired[slot, j] = st.fired
+        slot_of_row = torch.tensor([n] + [(r - 1) // ROWS_PER_SLOT for r in range(1, self.n_rows)],
+                                   dtype=torch.long, device=self.device)
+        self.gate_step = GateStep(fired, slot_of_row, (n, 1))
 
     def _build(self) -> None:
         layers = set()
@@ -117,40 +185,60 @@ class BatchPlan:
         for layer in sorted(layers):
             self.tables[layer] = self._layer_table(layer)
 
-    def _edits_at(self, layer: int) -> list[tuple[int, LayerEdits]]:
+    def _edits_at(self, layer: int, gate: int | None = None) -> list[tuple[int, LayerEdits]]:
+        """(row, edits) at ``layer``: the plain edits, or those of gate ``gate`` (generation rows)."""
         found = []
         for slot, req in enumerate(self.requests):
             if req is None:
                 continue
-            for phase in PHASE_ROWS:
-                e = req.edits[phase].get(layer)
-                if e is not None:
-                    found.append((row_of(slot, phase), e))
+            if gate is None:
+                for phase in PHASE_ROWS:
+                    e = req.edits[phase].get(layer)
+                    if e is not None:
+                        found.append((row_of(slot, phase), e))
+            elif gate < len(req.gated) and layer in req.gated[gate]:
+                found.append((row_of(slot, "generation"), req.gated[gate][layer]))
         return found
 
     def _layer_table(self, layer: int) -> LayerTable:
         table = LayerTable()
         edits = self._edits_at(layer)
         if edits:
-            self._fill_edits(table, edits)
+            table.edits = self._edit_table(edits)
+        for j in range(self.n_gates):
+            gated = self._edits_at(layer, j)
+            if gated:
+                table.gated.append((j, self._edit_table(gated)))
         for after in (False, True):
             reads = self._reads_at(layer, after)
-            if reads:
-                rt, columns = build_read_table([r for _, r in reads], self.device)
-                for slot, r in reads:
-                    self.read_slots[slot].append(ReadSlot(r.name, layer, after, columns[r.key]))
-                if after:
-                    table.reads_post = rt
-                else:
-                    table.reads_pre = rt
+            if not reads:
+                continue
+            rt, columns = build_read_table([r for _, r in reads], self.device)
+            for slot, r in reads:
+                self.read_slots[slot].append(ReadSlot(r.name, layer, after, columns[r.key]))
+            group = self._gate_group(layer, after, columns)
+            if after:
+                table.reads_post, table.gates_post = rt, group
+            else:
+                table.reads_pre, table.gates_pre = rt, group
         return table
+
+    def _gate_group(self, layer: int, after: bool, columns: dict[tuple[str, ...], int]) -> GateGroup | None:
+        members = []
+        for slot, req in enumerate(self.requests):
+            for j, g in enumerate(req.gates if req is not None else []):
+                r = req.reads[g.read]  # type: ignore[union-attr]
+                if r.layer == layer and r.after_edits == after:
+                    members.append(GateMember(slot, j, columns[r.key], req.gate_state[j]))  # type: ignore[union-attr]
+        return GateGroup(members, self.device) if members else None
 
     def _reads_at(self, layer: int, after: bool) -> list[tuple[int, ResolvedRead]]:
         return [(slot, r) for slot, req in enumerate(self.requests) if req is not None
                 for r in req.reads if r.layer == layer and r.after_edits == after]
 
-    def _fill_edits(self, table: LayerTable, edits: list[tuple[int, LayerEdits]]) -> None:
+    def _edit_table(self, edits: list[tuple[int, LayerEdits]]) -> EditTable:
         R, d, dev = self.n_rows, self.d_model, self.device
+        table = EditTable()
         edit_rows = torch.zeros(R, dtype=torch.bool)
         if any(e.add is not None for _, e in edits):
             table.add = torch.zeros(R, d)
@@ -168,6 +256,7 @@ class BatchPlan:
         table.edit_rows = edit_rows.to(dev)
         table.add = None if table.add is None else table.add.to(dev)
         table.ablate = None if table.ablate is None else table.ablate.to(dev)
+        return table
 
     def _clamp_tables(self, edits: list[tuple[int, LayerEdits]]) -> list[ClampTable]:
         groups: dict[str, list[tuple[int, dict[int, float]]]] = {}

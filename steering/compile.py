@@ -14,7 +14,7 @@ import torch
 from monitors.probes import LinearReader, make_direction
 from steering.errors import LimitExceeded, invalid
 from steering.registry import Registry
-from steering.spec import AblateEdit, AddEdit, ClampEdit, InterventionSpec, Limits, ReadSpec
+from steering.spec import AblateEdit, AddEdit, ClampEdit, Edit, GateSpec, InterventionSpec, Limits, ReadSpec
 from steering.tensors import require_index
 
 PHASE_ROWS = ("prompt", "generation")
@@ -50,17 +50,30 @@ class ResolvedRead:
     feature: int | None = None
 
 
+@dataclass(frozen=True)
+class CompiledGate:
+    """A gate bound to the read that feeds it (index into ``CompiledRequest.reads``)."""
+
+    spec: GateSpec
+    read: int
+
+
 @dataclass
 class CompiledRequest:
-    """Per-layer edits by phase, the reads, and a readable record of what was applied."""
+    """Per-layer edits by phase, gated edits per gate (generated tokens only), the reads, and a
+    readable record of what was applied."""
 
     edits: dict[str, dict[int, LayerEdits]]
     reads: list[ResolvedRead]
     applied: list[dict[str, Any]]
     saes: dict[str, Any] = field(default_factory=dict)  # id -> SAE used by clamps
+    gates: list[CompiledGate] = field(default_factory=list)
+    gated: list[dict[int, LayerEdits]] = field(default_factory=list)  # per gate: layer -> edits
+    gate_state: list[Any] = field(default_factory=list)  # per gate: monitors.gate.GateSeries, set by the plan
 
     def edit_layers(self) -> set[int]:
-        return {layer for per_layer in self.edits.values() for layer in per_layer}
+        gated = {layer for per_layer in self.gated for layer in per_layer}
+        return {layer for per_layer in self.edits.values() for layer in per_layer} | gated
 
     @property
     def empty(self) -> bool:
@@ -72,6 +85,9 @@ def compile_spec(spec: InterventionSpec, registry: Registry, shape: ModelShape,
     """Validate ``spec`` and turn it into tensors; raises InvalidArgument/NotFound/LimitExceeded."""
     limits = limits or Limits()
     out = CompiledRequest({p: {} for p in PHASE_ROWS}, [], [])
+    names = [r.name for r in spec.reads]
+    out.gates = [CompiledGate(g, names.index(g.reading)) for g in spec.gates]
+    out.gated = [{} for _ in spec.gates]
     for i, edit in enumerate(spec.edits):
         where = f"edits[{i}]"
         if isinstance(edit, AddEdit):
@@ -80,6 +96,10 @@ def compile_spec(spec: InterventionSpec, registry: Registry, shape: ModelShape,
             _compile_ablate(edit, where, registry, shape, out)
         elif isinstance(edit, ClampEdit):
             _compile_clamp(edit, where, registry, shape, limits, out)
+        if edit.when is not None:
+            if edit.phase == "prompt":
+                raise invalid(f"{where}.phase", "a gated edit (when) acts on generated tokens; allowed: generation, both")
+            out.applied[-1]["when"] = edit.when
     out.reads = [_resolve_read(r, f"reads[{i}]", registry, shape) for i, r in enumerate(spec.reads)]
     return out
 
@@ -96,8 +116,12 @@ def _layers(layers: list[int], shape: ModelShape, where: str) -> list[int]:
     return sorted(set(layers))
 
 
-def _slot(out: CompiledRequest, phase: str, layer: int) -> LayerEdits:
-    return out.edits[phase].setdefault(layer, LayerEdits())
+def _targets(out: CompiledRequest, e: Edit, layer: int) -> list[LayerEdits]:
+    """Where an edit lands at ``layer``: its phases' tables, or its gate's table (generated tokens)."""
+    if e.when is not None:
+        j = [g.spec.name for g in out.gates].index(e.when)
+        return [out.gated[j].setdefault(layer, LayerEdits())]
+    return [out.edits[phase].setdefault(layer, LayerEdits()) for phase in _phases(e.phase)]
 
 
 def _compile_add(e: AddEdit, where: str, reg: Registry, shape: ModelShape, limits: Limits,
@@ -110,8 +134,7 @@ def _compile_add(e: AddEdit, where: str, reg: Registry, shape: ModelShape, limit
     layers = _layers(e.layers if e.layers is not None else vec.layers, shape, where)
     for layer in layers:
         v = vec.at(layer, f"{where}.vector") * e.coef
-        for phase in _phases(e.phase):
-            slot = _slot(out, phase, layer)
+        for slot in _targets(out, e, layer):
             slot.add = v.clone() if slot.add is None else slot.add + v
     out.applied.append({"kind": "add", "vector": e.vector, "coef": e.coef, "layers": layers, "phase": e.phase})
 
@@ -125,8 +148,8 @@ def _compile_ablate(e: AblateEdit, where: str, reg: Registry, shape: ModelShape,
         norm = float(r.norm())
         if norm < 1e-8:
             raise invalid(f"{where}.vector", f"direction at layer {layer} has zero norm; cannot ablate it")
-        for phase in _phases(e.phase):
-            _slot(out, phase, layer).ablate.append(r / norm)
+        for slot in _targets(out, e, layer):
+            slot.ablate.append(r / norm)
     out.applied.append({"kind": "ablate", "vector": e.vector, "layers": layers, "phase": e.phase})
 
 
@@ -146,8 +169,8 @@ def _compile_clamp(e: ClampEdit, where: str, reg: Registry, shape: ModelShape, l
     if abs(target) > limits.max_clamp_value:
         raise LimitExceeded(f"{where}.value: clamp target {target:g} is beyond the limit; allowed "
                             f"-{limits.max_clamp_value:g}..{limits.max_clamp_value:g}", field=f"{where}.value")
-    for phase in _phases(e.phase):
-        _slot(out, phase, layer).clamps.setdefault(e.sae, {})[e.feature] = target
+    for slot in _targets(out, e, layer):
+        slot.clamps.setdefault(e.sae, {})[e.feature] = target
     out.applied.append({"kind": "clamp", "sae": e.sae, "feature": e.feature, "target": target,
                         "layers": [layer], "phase": e.phase})
 

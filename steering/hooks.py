@@ -24,6 +24,7 @@ class LayerHooks:
         self.layers = layers
         self.plan: BatchPlan | None = None
         self.rows: torch.Tensor | None = None  # [T] long, flattened in the layer output's token order
+        self.gates: Any = None  # the plan's GateStep for this forward, when it has gates
         self.reads: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._handles: list[Any] = []
 
@@ -42,9 +43,13 @@ class LayerHooks:
             h.remove()
         self._handles.clear()
 
-    def set_step(self, plan: BatchPlan | None, rows: torch.Tensor | None) -> None:
-        """Arm the hooks for the next forward pass (None disarms them)."""
+    def set_step(self, plan: BatchPlan | None, rows: torch.Tensor | None, grid: tuple[int, int] | None = None) -> None:
+        """Arm the hooks for the next forward pass (None disarms them). ``grid`` = (slots, tokens per
+        slot) says how the T tokens are laid out, slot-major; gates need it (default: one per slot)."""
         self.plan, self.rows = plan, rows
+        self.gates = None
+        if plan is not None and rows is not None:
+            self.gates = plan.step(grid or (len(plan.requests), rows.numel() // max(len(plan.requests), 1)))
         self.reads = {}
 
     def _make_hook(self, idx: int):  # noqa: ANN202 - torch hook signature
@@ -54,7 +59,7 @@ class LayerHooks:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
             flat = hidden.reshape(-1, hidden.shape[-1])
-            edited, pre, post = apply_layer(plan.tables[idx], flat, self.rows)
+            edited, pre, post = apply_layer(plan.tables[idx], flat, self.rows, self.gates)
             if pre is not None or post is not None:
                 self.reads[idx] = (pre, post)
             if edited is None:

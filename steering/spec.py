@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from monitors.rules import RuleSpec
 
 Phase = Literal["prompt", "generation", "both"]
 PHASES = ("prompt", "generation", "both")
@@ -30,6 +32,8 @@ class AddEdit(_Strict):
     coef: float = Field(description="multiplier of the vector; |coef| is capped by Limits.max_abs_coef")
     layers: list[int] | None = Field(None, description="layers to edit; default: the vector's own layers")
     phase: Phase = Field("both", description="prompt tokens, generated tokens, or both")
+    when: str | None = Field(None, description="gate name: off until that gate's rule fires, then on for the "
+                             "rest of the generation (generated tokens only)")
 
 
 class AblateEdit(_Strict):
@@ -39,6 +43,8 @@ class AblateEdit(_Strict):
     vector: str = Field(description="registry id of the direction to remove")
     layers: list[int] | Literal["all"] = Field("all", description="layers to edit, or 'all'")
     phase: Phase = "both"
+    when: str | None = Field(None, description="gate name: off until that gate's rule fires, then on for the "
+                             "rest of the generation (generated tokens only)")
 
 
 class ClampEdit(_Strict):
@@ -51,6 +57,8 @@ class ClampEdit(_Strict):
     mode: Literal["absolute", "max_multiple"] = "absolute"
     layer: int | None = Field(None, description="layer; default: the SAE's hook layer")
     phase: Phase = "both"
+    when: str | None = Field(None, description="gate name: off until that gate's rule fires, then on for the "
+                             "rest of the generation (generated tokens only)")
 
 
 Edit = Annotated[AddEdit | AblateEdit | ClampEdit, Field(discriminator="kind")]
@@ -75,11 +83,36 @@ class ReadSpec(_Strict):
         return v
 
 
+class GateSpec(RuleSpec):
+    """A rule evaluated on the device: when ``reading`` fires it, edits with ``when=name`` switch on."""
+
+    name: str = Field(min_length=1, max_length=64, description="referenced by edits' `when`")
+    reading: str = Field(description="name of one of the spec's reads")
+
+
+MAX_GATES = 4
+
+
 class InterventionSpec(_Strict):
     """Everything one request reads and edits."""
 
     edits: list[Edit] = Field(default_factory=list, max_length=64)
     reads: list[ReadSpec] = Field(default_factory=list, max_length=64)
+    gates: list[GateSpec] = Field(default_factory=list, max_length=MAX_GATES)
+
+    @model_validator(mode="after")
+    def _gates_resolve(self) -> InterventionSpec:
+        reads = {r.name for r in self.reads}
+        gates = [g.name for g in self.gates]
+        if len(set(gates)) != len(gates):
+            raise ValueError(f"gate names must be unique; got {gates}")
+        for i, g in enumerate(self.gates):
+            if g.reading not in reads:
+                raise ValueError(f"gates[{i}].reading: {g.reading!r} is not one of the reads {sorted(reads)}")
+        for i, e in enumerate(self.edits):
+            if e.when is not None and e.when not in gates:
+                raise ValueError(f"edits[{i}].when: {e.when!r} is not a gate; gates: {gates}")
+        return self
 
     @field_validator("reads")
     @classmethod

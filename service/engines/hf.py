@@ -287,15 +287,30 @@ class HFEngine:
         cache = DynamicCache(config=self.lm.model.config)
         logits = self._forward(ids, mask, pos, cache, plan, rows.reshape(-1))
         reads = self._host_reads(plan)
+        opened = self._prompt_gates(new, plan)
         for i, s in enumerate(new):
             s.position = len(s.prompt_ids)
             if plan is not None and plan.read_slots[i]:
-                s.emit(self._prompt_event(s, plan, reads, i, width))
+                s.emit(self._prompt_event(s, plan, reads, i, width, opened[i]))
         self._merge(new, cache, mask.to(dev))
         for i, s in enumerate(new):
             last = {slot.name: reads[(slot.layer, slot.after_edits)][i * width + width - 1, slot.column].item()
                     for slot in (plan.read_slots[i] if plan is not None else [])}
             self._advance(s, logits[i], last)
+
+    def _prompt_gates(self, new: list[Sequence], plan: BatchPlan | None) -> list[dict[str, int]]:
+        """Gates the prompt fired (name -> prompt position); then each gate starts its generation series."""
+        opened: list[dict[str, int]] = [{} for _ in new]
+        if plan is None or not plan.n_gates:
+            return opened
+        plan.save_gates()
+        for i, s in enumerate(new):
+            for j, state in enumerate(s.compiled.gate_state):
+                if bool(state.fired):
+                    s.gates_open.add(j)
+                    opened[i][s.compiled.gates[j].spec.name] = int(state.fired_at)
+                state.restart()
+        return opened
 
     def _decode(self) -> None:
         seqs = self._running
@@ -307,17 +322,36 @@ class HFEngine:
         rows = torch.tensor([row_of(i, "generation") for i in range(len(seqs))])
         logits = self._forward(ids, self._mask, pos, self._cache, self._plan, rows)
         reads = self._host_reads(self._plan)
+        opened = self._new_gates(seqs, self._plan)
         for i, s in enumerate(seqs):
             s.position += 1
             slots = self._plan.read_slots[i] if self._plan is not None else []
             values = {slot.name: reads[(slot.layer, slot.after_edits)][i, slot.column].item() for slot in slots}
-            self._advance(s, logits[i], values)
+            self._advance(s, logits[i], values, opened[i])
         self.steps += 1
+
+    @staticmethod
+    def _new_gates(seqs: list[Sequence], plan: BatchPlan | None) -> list[list[str]]:
+        """Names of the gates that latched in this step, per sequence (one small copy to the host,
+        next to the readings' copy; the steering itself already switched on inside the step)."""
+        flags = plan.gate_flags() if plan is not None else None
+        if flags is None:
+            return [[] for _ in seqs]
+        host = flags.cpu().tolist()
+        out = []
+        for i, s in enumerate(seqs):
+            names = []
+            for j, g in enumerate(s.compiled.gates):
+                if host[i][j] and j not in s.gates_open:
+                    s.gates_open.add(j)
+                    names.append(g.spec.name)
+            out.append(names)
+        return out
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
                  plan: BatchPlan | None, rows: torch.Tensor) -> torch.Tensor:
         dev = self.lm.device
-        self.hooks.set_step(plan, rows.to(dev) if plan is not None else None)
+        self.hooks.set_step(plan, rows.to(dev) if plan is not None else None, (ids.shape[0], ids.shape[1]))
         try:
             out = self.lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -335,24 +369,26 @@ class HFEngine:
                 out[(layer, True)] = post.cpu()
         return out
 
-    def _prompt_event(self, s: Sequence, plan: BatchPlan, reads: dict, i: int, width: int) -> PromptEvent:
+    def _prompt_event(self, s: Sequence, plan: BatchPlan, reads: dict, i: int, width: int,
+                      gates: dict[str, int]) -> PromptEvent:
         n = len(s.prompt_ids)
         start = i * width + width - n
         values = {slot.name: reads[(slot.layer, slot.after_edits)][start:start + n, slot.column].tolist()
                   for slot in plan.read_slots[i]}
         toks = [self.lm.tokenizer.decode([t]) for t in s.prompt_ids]
-        return PromptEvent(toks, list(s.prompt_ids), values)
+        return PromptEvent(toks, list(s.prompt_ids), values, gates)
 
     def _eos_for(self, s: Sequence) -> set[int]:
         return set() if s.req.sampling.ignore_eos else self.eos_ids
 
-    def _advance(self, s: Sequence, logits: torch.Tensor, readings: dict[str, float]) -> None:
+    def _advance(self, s: Sequence, logits: torch.Tensor, readings: dict[str, float],
+                 gates: list[str] | None = None) -> None:
         """Sample and record one token. A request whose logits went NaN/+inf (an edit too strong for the
         model) ends alone with an error; the other rows of the batch are independent and carry on."""
         if bool(torch.isnan(logits).any() or torch.isposinf(logits).any()):
             s.finish("error", error="non-finite logits: an edit of this request is too strong for the model")
             return
-        s.take(sample(logits, s.req.sampling, s.generator), readings, self._eos_for(s))
+        s.take(sample(logits, s.req.sampling, s.generator), readings, self._eos_for(s), gates)
 
     def _merge(self, new: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         if self._cache is None or self._mask is None or not self._running:
@@ -360,6 +396,7 @@ class HFEngine:
         else:
             self._cache, self._mask = kv.merge(self._cache, self._mask, cache, mask)
         self._running = self._running + new
+        self._save_gates()
         self._plan = _plan_for([s.compiled for s in self._running], self.shape.d_model, self.lm.device)
 
     def _drop_finished(self) -> None:
@@ -375,7 +412,13 @@ class HFEngine:
         assert self._cache is not None and self._mask is not None
         self._cache, self._mask = kv.select(self._cache, self._mask, keep)
         self._running = [self._running[i] for i in keep]
+        self._save_gates()
         self._plan = _plan_for([s.compiled for s in self._running], self.shape.d_model, self.lm.device)
+
+    def _save_gates(self) -> None:
+        """The running plan's gate state goes back to its requests before the plan is replaced."""
+        if self._plan is not None:
+            self._plan.save_gates()
 
     def _fail_all(self, message: str) -> None:
         for s in self._running:

@@ -33,18 +33,19 @@ class Sequence:
         self.submitted_at = time.perf_counter()
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
+        self.gates_open: set[int] = set()  # gates already reported as fired
 
     @property
     def last_token(self) -> int:
         return self.generated[-1]
 
-    def take(self, token: int, readings: dict[str, float], eos: set[int]) -> None:
+    def take(self, token: int, readings: dict[str, float], eos: set[int], gates: list[str] | None = None) -> None:
         """Record a sampled token, stream its event, and finish when a stop condition holds."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         self.generated.append(token)
         if token in eos:
-            self._send(TokenEvent(len(self.generated) - 1, token, "", "", readings))
+            self._send(TokenEvent(len(self.generated) - 1, token, "", "", readings, gates or []))
             self.finish("stop", flush=True)
             return
         grown = self._detokenize()
@@ -55,7 +56,8 @@ class Sequence:
         visible = self.decoded[:cut] if cut is not None else self.decoded[: len(self.decoded) - _holdback(self.decoded, stops)]
         delta = visible[len(self.text):]
         self.text += delta
-        self._send(TokenEvent(len(self.generated) - 1, token, delta, self.tokenizer.decode([token]), readings))
+        self._send(TokenEvent(len(self.generated) - 1, token, delta, self.tokenizer.decode([token]), readings,
+                              gates or []))
         if cut is not None:
             self.finish("stop_string")
         elif len(self.generated) >= self.req.sampling.max_tokens:

@@ -67,6 +67,7 @@ class PromptEvent:
     tokens: list[str]
     token_ids: list[int]
     readings: dict[str, list[float]]
+    gates: dict[str, int] = field(default_factory=dict)  # gate name -> prompt position where it fired
 
 
 @dataclass
@@ -79,6 +80,7 @@ class TokenEvent:
     text: str  # the text this token adds (may be empty while a multi-byte character is incomplete)
     token: str  # the token's own text, for per-token views
     readings: dict[str, float]
+    gates: list[str] = field(default_factory=list)  # gates that fired on the state that chose this token
 
 
 @dataclass

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from monitors.rules import Firing, RuleSet
 from service.app import App
 from service.context import current_principal, current_request_id
 from service.convert import (
@@ -21,7 +22,6 @@ from service.convert import (
 from service.engines.types import FinalEvent, GenerationRequest, PromptEvent, TokenEvent
 from service.policy import MonitorRule, rename_field, resolve
 from service.protos import chat_pb2, chat_pb2_grpc
-from service.rules import PROMPT, Firing, RuleSet
 from steering.errors import DeadlineExceeded, SteerwatchError
 from steering.spec import AblateEdit, AddEdit
 
@@ -122,13 +122,13 @@ class Session:
     def __init__(self, app: App, tenant: str, prepared: Prepared, include_readings: bool) -> None:
         self.app, self.tenant, self.prepared = app, tenant, prepared
         self.include_readings = include_readings
-        self.rules = RuleSet(prepared.rules)
+        self.rules: RuleSet[MonitorRule] = RuleSet(prepared.rules, external={r.name for r in prepared.rules if r.action == "steer"})
         self.text = ""
         self.stopped = False
 
     async def on_event(self, ev: Any) -> list[Any]:
         if isinstance(ev, PromptEvent):
-            return [await self._alert(f) for f in self.rules.on_prompt(ev.readings)]
+            return [await self._alert(f) for f in self.rules.on_prompt(ev.readings, ev.gates)]
         if isinstance(ev, TokenEvent):
             return await self._token(ev)
         if isinstance(ev, FinalEvent):
@@ -138,7 +138,7 @@ class Session:
     async def _token(self, ev: TokenEvent) -> list[Any]:
         if self.stopped:  # the engine may emit one more token before the cancel lands
             return []
-        firings = self.rules.on_token(ev.index, ev.readings)
+        firings = self.rules.on_token(ev.index, ev.readings, ev.gates)
         # a stop monitor fired on the state that chose this token: withhold it, from excerpts too
         withheld = any(f.rule.action == "stop" for f in firings)
         out = [await self._alert(f, "" if withheld else ev.text) for f in firings]
@@ -150,13 +150,14 @@ class Session:
             index=ev.index, text=ev.text, token=ev.token, token_id=ev.token_id, readings=readings)))
         return out
 
-    async def _alert(self, f: Firing, pending: str = "") -> Any:
+    async def _alert(self, f: Firing[MonitorRule], pending: str = "") -> Any:
         action = f.rule.action
         self.stopped = self.stopped or action == "stop"
         event = chat_pb2.AlertEvent(
-            monitor=f.rule.name, action=action, peak_score=f.score, threshold=f.rule.threshold,
+            monitor=f.rule.name, action=action, peak_score=f.peak, threshold=f.rule.spec.threshold,
             token_start=f.token_start, token_end=f.token_end, excerpt=(self.text + pending)[-EXCERPT_CHARS:],
-            timestamp_ms=int(time.time() * 1000), request_id=current_request_id(), policy=self.prepared.policy)
+            timestamp_ms=int(time.time() * 1000), request_id=current_request_id(), policy=self.prepared.policy,
+            value=f.value, phase=f.phase, aggregation=f.rule.spec.aggregation)
         if action != "annotate":
             event.alert_id = await self.app.store.add_alert(self.tenant, _fields(event))
         label = "_request" if f.rule.name in self.prepared.request_monitors else f.rule.name
@@ -191,7 +192,8 @@ def _fields(event: Any) -> dict[str, str]:
     return {"monitor": event.monitor, "action": event.action, "peak_score": repr(event.peak_score),
             "threshold": repr(event.threshold), "token_start": str(event.token_start),
             "token_end": str(event.token_end), "excerpt": event.excerpt, "timestamp_ms": str(event.timestamp_ms),
-            "request_id": event.request_id, "policy": event.policy}
+            "request_id": event.request_id, "policy": event.policy, "value": repr(event.value),
+            "phase": event.phase, "aggregation": event.aggregation}
 
 
 def alert_from_fields(alert_id: str, fields: dict[str, str]) -> Any:
@@ -199,6 +201,8 @@ def alert_from_fields(alert_id: str, fields: dict[str, str]) -> Any:
     return chat_pb2.AlertEvent(
         alert_id=alert_id, monitor=fields.get("monitor", ""), action=fields.get("action", ""),
         peak_score=float(fields.get("peak_score", 0) or 0), threshold=float(fields.get("threshold", 0) or 0),
-        token_start=int(fields.get("token_start", PROMPT)), token_end=int(fields.get("token_end", PROMPT)),
+        token_start=int(fields.get("token_start", 0)), token_end=int(fields.get("token_end", 0)),
         excerpt=fields.get("excerpt", ""), timestamp_ms=int(fields.get("timestamp_ms", 0)),
-        request_id=fields.get("request_id", ""), policy=fields.get("policy", ""))
+        request_id=fields.get("request_id", ""), policy=fields.get("policy", ""),
+        value=float(fields.get("value", 0) or 0), phase=fields.get("phase", ""),
+        aggregation=fields.get("aggregation", ""))

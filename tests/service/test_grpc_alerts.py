@@ -30,8 +30,8 @@ N = 16
 RULES = [("a", "va", 1, 0.0, 1), ("b", "vb", 2, 0.0, 1), ("c", "va", 1, -0.01, 3)]
 
 
-def _expected_firings(res: Result) -> list[tuple[int, int, str, float]]:
-    """(first token, last token, monitor, score) of every episode, from the readings in the stream itself:
+def _expected_firings(res: Result) -> list[tuple[int, int, str, float, float]]:
+    """(first token, last token, monitor, aggregate, peak token score) of every episode, from the readings in the stream itself:
     a rule fires when its aggregate rises above the threshold, and re-arms once it falls back to or below."""
     armed = {name: True for name, *_ in RULES}
     seen: dict[str, list[float]] = {name: [] for name, *_ in RULES}
@@ -43,7 +43,7 @@ def _expected_firings(res: Result) -> list[tuple[int, int, str, float]]:
             value = sum(last) / len(last)
             if value > threshold:
                 if armed[name]:
-                    out.append((t.index - len(last) + 1, t.index, name, value))
+                    out.append((t.index - len(last) + 1, t.index, name, value, max(last)))
                 armed[name] = False
             else:
                 armed[name] = True
@@ -69,8 +69,9 @@ def test_watch_sees_every_alert_in_order_and_resumes(store_kind: str) -> None:
                 expected = _expected_firings(res)
                 assert len(expected) >= 3, f"{prompt!r} should fire several times"
                 assert [(a.token_start, a.token_end, a.monitor) for a in res.alerts] == [e[:3] for e in expected]
-                for a, (*_, score) in zip(res.alerts, expected, strict=True):
-                    assert a.peak_score == pytest.approx(score, abs=1e-9)
+                for a, (*_, value, peak) in zip(res.alerts, expected, strict=True):
+                    assert a.value == pytest.approx(value, abs=1e-9) and a.peak_score == pytest.approx(peak, abs=1e-9)
+                    assert (a.phase, a.aggregation) == ("generation", "mean")
                     # the excerpt ends with the text up to and including the token that fired
                     assert a.excerpt == "".join(t.text for t in res.tokens[:a.token_end + 1])[-120:]
                 # each alert comes right before the token it fired on

@@ -277,9 +277,9 @@ def test_prompt_scoped_monitors(store_kind: str) -> None:
             res = await c.generate("abc", 3, policy="p")
             kinds = [e.WhichOneof("event") for e in res.events]
             assert kinds == ["alert", "alert", "alert", "token", "token", "token", "final"], kinds
-            on_prompt = [(a.monitor, a.token_start, a.token_end) for a in res.alerts[:2]]
-            assert on_prompt == [("on-prompt", -1, -1), ("both", -1, -1)]
-            assert (res.alerts[2].monitor, res.alerts[2].token_start) == ("both", 0)  # re-armed for generation
+            on_prompt = [(a.monitor, a.phase, a.token_start, a.token_end) for a in res.alerts[:2]]
+            assert on_prompt == [("on-prompt", "prompt", 0, 0), ("both", "prompt", 0, 0)]  # fired on the BOS position
+            assert (res.alerts[2].monitor, res.alerts[2].phase, res.alerts[2].token_start) == ("both", "generation", 0)
             assert res.alerts[0].alert_id and not res.alerts[1].alert_id  # annotate: in-band only
             assert [x.fields["monitor"] for x in await r.store.read_alerts("acme")] == ["on-prompt"]
             summary = {m.monitor: m for m in res.final.monitors}

@@ -102,7 +102,7 @@ CASES = [  # (policy_json, status, text the message must start with, text it mus
     (policy_doc([{**direction_monitor("m", "v", 0.1), "colour": 1}]), INVALID, "policy_json.monitors[0].colour:", ""),
     (policy_doc([direction_monitor("m", "v", 0.1, action="explode")]), INVALID, "policy_json.monitors[0].action:", ""),
     (policy_doc([direction_monitor("m", "v", 0.1, action="steer")]), INVALID, "policy_json.monitors[0].action:",
-     "not available"),
+     "no steering entry names 'm'"),
     (policy_doc(max_tokens=0), INVALID, "policy_json.limits.max_tokens:", ""),
     (policy_doc([direction_monitor("m", "nope", 0.1)]), grpc.StatusCode.NOT_FOUND, "policy_json.monitors[0].source:",
      "'nope'"),

@@ -35,6 +35,11 @@ def test_valid_policy_round_trips():
     (json.dumps({"surprise": 1}), "policy_json.surprise"),
     (json.dumps({"monitors": [{"name": "x", "kind": "probe", "source": "p", "threshold": 1, "action": "steer"}]}),
      "policy_json.monitors[0].action"),
+    (json.dumps({"steering": [{"kind": "add", "vector": "v", "coef": 1, "when": "x"}]}), "policy_json.steering[0].when"),
+    (json.dumps({"monitors": [{"name": "x", "kind": "probe", "source": "p", "threshold": 1, "aggregation": "count",
+                               "window": 2, "count": 3}]}), "policy_json.monitors[0]"),
+    (json.dumps({"monitors": [{"name": "x", "kind": "probe", "source": "p", "threshold": 1, "aggregation": "ema",
+                               "alpha": 0}]}), "policy_json.monitors[0].alpha"),
     ('{"monitors": [{"name": "x", "kind": "probe", "source": "p", "threshold": NaN}]}', "policy_json.monitors[0].threshold"),
 ])
 def test_malformed_policies_name_the_field(doc, field):
