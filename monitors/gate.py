@@ -10,7 +10,8 @@ stays on for the rest of the generation (hysteresis has nothing to do on a latch
 All gates read at one layer in a batch form one ``GateGroup``: K (slot, gate) members updated together
 with a handful of elementwise ops per token position, whatever their aggregations. A prefill step
 feeds a slot's prompt tokens in order (a loop over positions of the padded [slots, width] layout); a
-decode step is one iteration.
+decode step is one iteration. As on the host, the prompt and the generation are separate series and
+the last prompt position (which predicts generated token 0) belongs to both.
 """
 
 from __future__ import annotations
@@ -34,19 +35,14 @@ class GateSeries:
     ema: torch.Tensor  # float
     fired: torch.Tensor  # bool, latched
     fired_at: torch.Tensor  # long: index in its series of the token that fired it, -1 before
+    fired_on_prompt: torch.Tensor  # bool: the latch closed in the prompt series (else the generation's)
 
     @classmethod
     def new(cls, spec: RuleSpec, device: torch.device | str = "cpu") -> GateSeries:
         dev = torch.device(device)
         return cls(spec, torch.zeros(spec.window, device=dev), torch.zeros((), dtype=torch.long, device=dev),
                    torch.zeros((), device=dev), torch.zeros((), dtype=torch.bool, device=dev),
-                   torch.full((), -1, dtype=torch.long, device=dev))
-
-    def restart(self) -> None:
-        """A new series (the generation after the prompt): the latch and where it fired are kept."""
-        self.ring = torch.zeros_like(self.ring)
-        self.n = torch.zeros_like(self.n)
-        self.ema = torch.zeros_like(self.ema)
+                   torch.full((), -1, dtype=torch.long, device=dev), torch.zeros((), dtype=torch.bool, device=dev))
 
 
 @dataclass(frozen=True)
@@ -85,21 +81,36 @@ class GateGroup:
         self.ema = torch.stack([m.series.ema for m in members])
         self.fired = torch.stack([m.series.fired for m in members])
         self.fired_at = torch.stack([m.series.fired_at for m in members])
+        self.fired_on_prompt = torch.stack([m.series.fired_on_prompt for m in members])
         self._ages = torch.arange(self.width - 1, -1, -1, device=device)  # age of each ring column
 
-    def update(self, reads: torch.Tensor, rows: torch.Tensor, grid: tuple[int, int], fired: torch.Tensor) -> None:
+    def update(self, reads: torch.Tensor, rows: torch.Tensor, grid: tuple[int, int], fired: torch.Tensor,
+               prompt_ends: bool = False) -> None:
         """Feed this step's scores. reads [T, n_columns] for T = slots x width tokens laid out
-        slot-major (``grid``), rows [T]; ``fired`` [slots + 1, gates] receives the latches."""
+        slot-major (``grid``), rows [T]; ``fired`` [slots + 1, gates] receives the latches.
+
+        ``prompt_ends``: the last column holds each prompted slot's final prompt token. That position
+        predicts the first generated token, so (as on the host) its score also opens the generation
+        series, which starts afresh."""
         n_slots, width = grid
         scores = reads.reshape(n_slots, width, -1)[self.slot, :, self.column]  # [K, width]
         token_rows = rows.reshape(n_slots, width)[self.slot]  # [K, width]
         is_prompt = (token_rows % 2) == 1  # slot s: prompt row 2s+1, generation row 2s+2, padding 0
         watched = torch.where(is_prompt, self.on_prompt[:, None], self.on_generation[:, None]) & (token_rows > 0)
         for k in range(width):
-            self._push(scores[:, k], watched[:, k])
+            self._push(scores[:, k], watched[:, k], is_prompt[:, k])
+        if prompt_ends:
+            last_prompt = is_prompt[:, -1]
+            self._restart(last_prompt)
+            self._push(scores[:, -1], last_prompt & self.on_generation, torch.zeros_like(last_prompt))
         fired[self.slot, self.gate] = self.fired
 
-    def _push(self, s: torch.Tensor, present: torch.Tensor) -> None:
+    def _restart(self, which: torch.Tensor) -> None:
+        self.ring = torch.where(which[:, None], torch.zeros_like(self.ring), self.ring)
+        self.n = torch.where(which, torch.zeros_like(self.n), self.n)
+        self.ema = torch.where(which, torch.zeros_like(self.ema), self.ema)
+
+    def _push(self, s: torch.Tensor, present: torch.Tensor, on_prompt: torch.Tensor) -> None:
         shifted = torch.cat([self.ring[:, 1:], s[:, None]], dim=1)
         self.ring = torch.where(present[:, None], shifted, self.ring)
         first = self.n == 0
@@ -114,6 +125,7 @@ class GateGroup:
         trigger = torch.where(self.kind == KIND["count"], value >= self.count, value > self.threshold)
         newly = present & trigger & ~self.fired
         self.fired_at = torch.where(newly, self.n - 1, self.fired_at)
+        self.fired_on_prompt = torch.where(newly, on_prompt, self.fired_on_prompt)
         self.fired = self.fired | newly
 
     def export(self) -> None:
@@ -123,6 +135,7 @@ class GateGroup:
             m.series.ring = self.ring[i, self.width - m.series.spec.window:].clone()
             m.series.n, m.series.ema = self.n[i].clone(), self.ema[i].clone()
             m.series.fired, m.series.fired_at = self.fired[i].clone(), self.fired_at[i].clone()
+            m.series.fired_on_prompt = self.fired_on_prompt[i].clone()
 
 
 def _left_pad(ring: torch.Tensor, width: int) -> torch.Tensor:

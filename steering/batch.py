@@ -69,6 +69,7 @@ class GateStep:
     fired: torch.Tensor
     slot_of_row: torch.Tensor
     grid: tuple[int, int]
+    prompt_ends: bool = False  # the grid's last column is each prompted slot's final prompt token
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def apply_layer(table: LayerTable, x: torch.Tensor, rows: torch.Tensor, gates: G
     """
     pre = table.reads_pre.read(x) if table.reads_pre is not None else None
     if table.gates_pre is not None and gates is not None:
-        table.gates_pre.update(pre, rows, gates.grid, gates.fired)  # type: ignore[arg-type]
+        table.gates_pre.update(pre, rows, gates.grid, gates.fired, gates.prompt_ends)  # type: ignore[arg-type]
     out = _edit(table.edits, x, rows) if table.edits is not None else None
     for j, edits in table.gated:
         assert gates is not None, "a plan with gated edits needs its GateStep"
@@ -101,7 +102,7 @@ def apply_layer(table: LayerTable, x: torch.Tensor, rows: torch.Tensor, gates: G
     if table.reads_post is not None:
         post = table.reads_post.read(out if out is not None else x)
         if table.gates_post is not None and gates is not None:
-            table.gates_post.update(post, rows, gates.grid, gates.fired)
+            table.gates_post.update(post, rows, gates.grid, gates.fired, gates.prompt_ends)
     return out, pre, post
 
 
@@ -145,11 +146,12 @@ class BatchPlan:
     def layers(self) -> list[int]:
         return sorted(self.tables)
 
-    def step(self, grid: tuple[int, int]) -> GateStep | None:
-        """The gate context for a forward over ``grid`` = (slots, tokens per slot); None without gates."""
+    def step(self, grid: tuple[int, int], prompt_ends: bool = False) -> GateStep | None:
+        """The gate context for a forward over ``grid`` = (slots, tokens per slot); None without gates.
+        ``prompt_ends``: the last column is each prompted slot's final prompt token (a whole prefill)."""
         if self.gate_step is None:
             return None
-        self.gate_step.grid = grid
+        self.gate_step.grid, self.gate_step.prompt_ends = grid, prompt_ends
         return self.gate_step
 
     def save_gates(self) -> None:
@@ -162,6 +164,13 @@ class BatchPlan:
     def gate_flags(self) -> torch.Tensor | None:
         """[slots, gates] latches as of the last forward (slots without a gate j read False)."""
         return None if self.gate_step is None else self.gate_step.fired[:-1]
+
+    def gate_origins(self) -> list[list[tuple[bool, bool, int]]]:
+        """Per slot and gate: (fired, on the prompt, index in its series). Copies to the host: call it
+        after a prefill, not per decode step."""
+        self.save_gates()
+        return [[(bool(g.fired), bool(g.fired_on_prompt), int(g.fired_at)) for g in (r.gate_state if r else [])]
+                for r in self.requests]
 
     def _init_gates(self) -> None:
         n = len(self.requests)

@@ -43,13 +43,16 @@ class LayerHooks:
             h.remove()
         self._handles.clear()
 
-    def set_step(self, plan: BatchPlan | None, rows: torch.Tensor | None, grid: tuple[int, int] | None = None) -> None:
+    def set_step(self, plan: BatchPlan | None, rows: torch.Tensor | None, grid: tuple[int, int] | None = None,
+                 prompt_ends: bool = False) -> None:
         """Arm the hooks for the next forward pass (None disarms them). ``grid`` = (slots, tokens per
-        slot) says how the T tokens are laid out, slot-major; gates need it (default: one per slot)."""
+        slot) says how the T tokens are laid out, slot-major; gates need it (default: one per slot).
+        ``prompt_ends``: the last column is each prompted slot's final prompt token."""
         self.plan, self.rows = plan, rows
         self.gates = None
         if plan is not None and rows is not None:
-            self.gates = plan.step(grid or (len(plan.requests), rows.numel() // max(len(plan.requests), 1)))
+            grid = grid or (len(plan.requests), rows.numel() // max(len(plan.requests), 1))
+            self.gates = plan.step(grid, prompt_ends)
         self.reads = {}
 
     def _make_hook(self, idx: int):  # noqa: ANN202 - torch hook signature

@@ -285,9 +285,10 @@ class HFEngine:
         plan = _plan_for([s.compiled for s in new], self.shape.d_model, dev)
         rows = torch.tensor([row_of(i, "prompt") for i in range(len(new))])[:, None] * mask  # pads: row 0
         cache = DynamicCache(config=self.lm.model.config)
-        logits = self._forward(ids, mask, pos, cache, plan, rows.reshape(-1))
+        logits = self._forward(ids, mask, pos, cache, plan, rows.reshape(-1), prompt_ends=True)
         reads = self._host_reads(plan)
         opened = self._prompt_gates(new, plan)
+        first = self._new_gates(new, plan)
         for i, s in enumerate(new):
             s.position = len(s.prompt_ids)
             if plan is not None and plan.read_slots[i]:
@@ -296,20 +297,19 @@ class HFEngine:
         for i, s in enumerate(new):
             last = {slot.name: reads[(slot.layer, slot.after_edits)][i * width + width - 1, slot.column].item()
                     for slot in (plan.read_slots[i] if plan is not None else [])}
-            self._advance(s, logits[i], last)
+            self._advance(s, logits[i], last, first[i])
 
     def _prompt_gates(self, new: list[Sequence], plan: BatchPlan | None) -> list[dict[str, int]]:
-        """Gates the prompt fired (name -> prompt position); then each gate starts its generation series."""
+        """Gates the prompt fired (name -> prompt position). A gate fired by the last prompt position
+        in the generation series is token 0's, reported with that token."""
         opened: list[dict[str, int]] = [{} for _ in new]
         if plan is None or not plan.n_gates:
             return opened
-        plan.save_gates()
-        for i, s in enumerate(new):
-            for j, state in enumerate(s.compiled.gate_state):
-                if bool(state.fired):
+        for i, (s, origins) in enumerate(zip(new, plan.gate_origins(), strict=True)):
+            for j, (fired, on_prompt, at) in enumerate(origins):
+                if fired and on_prompt:
                     s.gates_open.add(j)
-                    opened[i][s.compiled.gates[j].spec.name] = int(state.fired_at)
-                state.restart()
+                    opened[i][s.compiled.gates[j].spec.name] = at
         return opened
 
     def _decode(self) -> None:
@@ -349,9 +349,10 @@ class HFEngine:
         return out
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
-                 plan: BatchPlan | None, rows: torch.Tensor) -> torch.Tensor:
+                 plan: BatchPlan | None, rows: torch.Tensor, prompt_ends: bool = False) -> torch.Tensor:
         dev = self.lm.device
-        self.hooks.set_step(plan, rows.to(dev) if plan is not None else None, (ids.shape[0], ids.shape[1]))
+        self.hooks.set_step(plan, rows.to(dev) if plan is not None else None, (ids.shape[0], ids.shape[1]),
+                            prompt_ends)
         try:
             out = self.lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                                 past_key_values=cache, use_cache=True, logits_to_keep=1)

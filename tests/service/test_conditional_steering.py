@@ -151,3 +151,16 @@ def test_gated_edits_must_act_on_generated_tokens(engine):
         InterventionSpec(reads=[READ], edits=[AddEdit(vector="push", coef=1.0, when="nope")])
     with pytest.raises(ValueError, match="gates\\[0\\].reading"):
         InterventionSpec(reads=[READ], gates=[GateSpec(name="g", reading="missing", threshold=0.0)])
+
+
+def test_last_prompt_position_opens_the_generation_series(engine, lm):
+    """Token 0's reading comes from the last prompt position: a generation-scoped gate that fires there
+    is reported on token 0 (as the host rule would) and steers from the position predicting token 1."""
+    prompt = PROMPTS[0]
+    events = engine.run(req(prompt, spec(-1e9)))
+    assert [e for e in events if isinstance(e, PromptEvent)][0].gates == {}
+    gated = token_events(events)
+    assert [t.gates for t in gated] == [["g"]] + [[]] * (N - 1)
+    plain = token_events(engine.run(req(prompt, spec(None))))
+    vec = engine.registry.vector("push").at(2)
+    assert [t.token_id for t in gated] == reference(lm, prompt, [t.token_id for t in plain], 1, vec)

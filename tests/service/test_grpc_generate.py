@@ -347,3 +347,35 @@ def test_a_too_strong_edit_fails_alone() -> None:
             await engine_idle(r.app)
             assert (await c.generate("abc", 3)).final.finish_reason == chat_pb2.FINISH_REASON_LENGTH
     run(body())
+
+
+@pytest.mark.parametrize("store_kind", STORES)
+def test_policy_conditional_steering_alerts_and_switches_on(store_kind: str) -> None:
+    """A steer monitor fires on the first generated token's state: the alert says 'steer', lands in the
+    stream, the gated entry is recorded with its `when`, and the output is the steered one from there."""
+    async def body() -> None:
+        async with rig(store_kind) as r:
+            c = r.client
+            await c.upload_vector("probe", {1: PROBE})
+            await c.upload_vector("push", {1: random_vector(5, 8.0)})
+            steer = direction_monitor("trigger", "probe", -NEVER, action="steer", layer=0)
+            gated = {**add_steering("push", 3.0, [1], phase="generation"), "when": "trigger"}
+            await c.put_policy("cond", policy_doc([steer], [gated]))
+            await c.put_policy("plain", policy_doc([direction_monitor("trigger", "probe", NEVER, layer=0)]))
+            await c.put_policy("never", policy_doc([{**steer, "threshold": NEVER}], [gated]))
+            res = await c.generate(PROMPT, N, policy="cond")
+            plain = await c.generate(PROMPT, N, policy="plain")
+            never = await c.generate(PROMPT, N, policy="never")
+            (alert,) = res.alerts
+            assert (alert.monitor, alert.action, alert.phase, alert.token_start, alert.token_end) == \
+                ("trigger", "steer", "generation", 0, 0)
+            assert alert.alert_id and [x.fields["action"] for x in await r.store.read_alerts("acme")] == ["steer"]
+            assert [(s.when, s.origin) for s in res.final.steering] == [("trigger", "policy")]
+            tokens = [t.token_id for t in res.tokens]
+            assert tokens[0] == plain.tokens[0].token_id  # chosen by the last prompt position: never gated
+            assert tokens != [t.token_id for t in plain.tokens]
+            assert [t.token_id for t in never.tokens] == [t.token_id for t in plain.tokens]
+            summary = {m.monitor: m for m in res.final.monitors}
+            assert summary["trigger"].fired and summary["trigger"].action == "steer"
+            await engine_idle(r.app)
+    run(body())
