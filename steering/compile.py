@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from monitors.probes import LinearReader, make_direction
+from monitors.sae.formats import check_sae_fits
 from steering.errors import LimitExceeded, invalid
 from steering.registry import Registry
 from steering.spec import AblateEdit, AddEdit, ClampEdit, Edit, GateSpec, InterventionSpec, Limits, ReadSpec
@@ -26,6 +27,7 @@ class ModelShape:
 
     n_layers: int
     d_model: int
+    name: str = ""  # model name, to refuse SAEs recorded as trained on another model
 
 
 @dataclass
@@ -160,6 +162,7 @@ def _compile_clamp(e: ClampEdit, where: str, reg: Registry, shape: ModelShape, l
     out.saes[e.sae] = sae
     require_index(e.feature, sae.d_sae, f"{where}.feature")
     layer = _sae_layer(e.layer, sae, shape, where)
+    check_sae_fits(sae, d_model=shape.d_model, layer=layer, model_name=shape.name or None, field=f"{where}.layer")
     target = e.value
     if e.mode == "max_multiple":
         if sae.feature_max is None:
@@ -195,6 +198,7 @@ def _resolve_read(r: ReadSpec, where: str, reg: Registry, shape: ModelShape) -> 
         raise invalid(f"{where}.feature", f"required for sae_feature readings; allowed 0..{sae.d_sae - 1}")
     require_index(r.feature, sae.d_sae, f"{where}.feature")
     layer = _sae_layer(r.layer, sae, shape, where)
+    check_sae_fits(sae, d_model=shape.d_model, layer=layer, model_name=shape.name or None, field=f"{where}.layer")
     return ResolvedRead(r.name, layer, r.after_edits, ("sae", r.source, str(r.feature)), sae=sae, feature=r.feature)
 
 

@@ -87,8 +87,13 @@ class SAEConfigBase(BaseModel):
 
     @property
     def hook_layer(self) -> int | None:
-        """Residual-stream layer this SAE reads, or None when the file does not say."""
-        return self.metadata.hook_layer
+        """The decoder layer whose output this SAE reads (steerwatch's hook index), or None when the
+        file does not say. ``blocks.L.hook_resid_pre`` is the input of block L, i.e. the output of
+        block L-1 (block 0's input, the embeddings, has no hook here: None)."""
+        layer = self.metadata.hook_layer
+        if layer is not None and (self.metadata.hook_name or "").endswith("hook_resid_pre"):
+            return layer - 1 if layer > 0 else None
+        return layer
 
     def to_cfg_dict(self) -> dict[str, Any]:
         """The SAELens-format dict (current layout) with every kept unknown key restored."""

@@ -1,9 +1,11 @@
-"""Read and write SAELens-format SAE directories.
+"""Read SAEs (SAELens and the other layouts of :mod:`monitors.sae.formats`); write SAELens directories.
 
-A directory holds ``cfg.json`` and ``sae_weights.safetensors`` and optionally
+A SAELens directory holds ``cfg.json`` and ``sae_weights.safetensors`` and optionally
 ``feature_stats.safetensors`` (tensor ``max_activation`` [d_sae], steerwatch's sidecar) and
 ``activation_scaler.json`` (``{"scaling_factor": s}``, written by SAELens' trainer in checkpoints
-whose ``expected_average_only_in`` factor is not folded yet). Every error names the file and key.
+whose ``expected_average_only_in`` factor is not folded yet). :func:`load_sae` also reads EleutherAI
+sparsify, Llama Scope, Gemma Scope 2 and Goodfire files, converted to the same SAE classes (the
+sidecar is read beside those too). Every error names the file and key.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from monitors.sae import batchtopk, gated, jumprelu, standard, topk  # noqa: F401
 from monitors.sae.base import SAE
 from monitors.sae.config import CFG_FILE, SAEConfigBase, build_config, canonical_cfg
+from monitors.sae.formats import LOOKED_FOR, SAELENS, convert, detect_layout
 from monitors.sae.registry import get_architecture
 from monitors.sae.weights import WEIGHTS_FILE, fold_finetuning_scale
 from steering.errors import invalid
@@ -31,12 +34,23 @@ SCALER_FILE = "activation_scaler.json"
 
 
 def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
-    """Load the SAELens directory ``path`` onto ``device`` (weights float32 whatever the file dtype)."""
-    root = Path(path)
-    if not root.is_dir():
-        raise invalid("path", f"{str(root)!r} is not a directory; expected a SAELens SAE directory with {CFG_FILE} and {WEIGHTS_FILE}")
-    cfg = parse_config(_read_json(root / CFG_FILE, required=True), str(root))
-    cfg = _with_scaler_sidecar(cfg, root)
+    """Load the SAE at ``path`` onto ``device`` (weights float32 whatever the file dtype).
+
+    The layout is detected (:func:`monitors.sae.formats.detect_layout`): a SAELens directory, or an
+    EleutherAI sparsify, Llama Scope, Gemma Scope 2 or Goodfire SAE, converted to SAELens tensors."""
+    layout, where = detect_layout(Path(path))
+    if layout != SAELENS:
+        converted = convert(layout, where)
+        cfg = parse_config(converted.cfg, converted.source)
+        sae = build_sae(cfg, converted.tensors, converted.source)
+        sae.feature_max = _read_feature_max(converted.root, cfg.d_sae)
+        return sae.to(device)
+    root = where
+    raw = _read_json(root / CFG_FILE, required=True)
+    if not (root / WEIGHTS_FILE).is_file():
+        raise invalid(WEIGHTS_FILE, f"missing in {str(root)!r}; a SAELens directory needs {CFG_FILE} and {WEIGHTS_FILE} "
+                                    "(an EleutherAI sparsify directory has cfg.json and sae.safetensors)")
+    cfg = _with_scaler_sidecar(parse_config(raw, str(root)), root)
     tensors = _read_safetensors(root / WEIGHTS_FILE)
     sae = build_sae(cfg, tensors, str(root))
     sae.feature_max = _read_feature_max(root, cfg.d_sae)
@@ -102,7 +116,8 @@ def _write_atomic(target: Path, write: Any) -> None:
 def _read_json(file: Path, *, required: bool) -> Any:
     if not file.is_file():
         if required:
-            raise invalid(file.name, f"missing in {str(file.parent)!r}; a SAELens directory needs {CFG_FILE} and {WEIGHTS_FILE}")
+            raise invalid(file.name, f"missing in {str(file.parent)!r}; a SAELens directory needs {CFG_FILE} and {WEIGHTS_FILE}, "
+                                     f"and no other SAE layout was found there either (looked for: {LOOKED_FOR})")
         return None
     try:
         return json.loads(file.read_text(encoding="utf-8"))

@@ -89,7 +89,7 @@ class HFEngine:
     def __init__(self, lm: Any, registry: Registry | None = None, limits: EngineLimits | None = None,
                  *, hooks: bool = True) -> None:
         self.lm = lm
-        self.shape = ModelShape(lm.n_layers, lm.d_model)
+        self.shape = ModelShape(lm.n_layers, lm.d_model, lm.name)
         self.registry = registry or Registry(lm.d_model)
         self.limits = limits or EngineLimits()
         self.hooks = LayerHooks(lm.layers)

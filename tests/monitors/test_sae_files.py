@@ -91,7 +91,8 @@ def test_legacy_config_layout(tmp_path):
     }
     sae = load_sae(_write(tmp_path / "sae", cfg, make_tensors("plain")))
     assert isinstance(sae.cfg, TopKConfig)
-    assert (sae.architecture, sae.cfg.k, sae.hook_layer) == ("topk", 4, 12)
+    # hook_resid_pre of block 12 is the output of block 11, where steerwatch's hook reads it
+    assert (sae.architecture, sae.cfg.k, sae.cfg.metadata.hook_layer, sae.hook_layer) == ("topk", 4, 12, 11)
     assert sae.cfg.normalize_activations == "none" and sae.cfg.metadata.model_name == "gpt2"
     assert sae.cfg.extras == {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4}, "device": "cpu"}
 
