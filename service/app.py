@@ -22,6 +22,7 @@ class App:
     engine_kind: str = "hf"
     sae_ids: list[str] = field(default_factory=list)
     probe_ids: list[str] = field(default_factory=list)
+    shared_vectors: list[str] = field(default_factory=list)  # the monitor pack's, every tenant may use
     draining: asyncio.Event = field(default_factory=asyncio.Event)  # set when the server starts draining
     fallback_policy: Policy = EMPTY_POLICY  # applies to tenants without a default policy
     request_timeout_s: float | None = None  # server-side cap on one generation

@@ -9,13 +9,18 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from service.cli_extract import EXTRACT_COMMANDS, add_extract_parsers, run_extract
+from service.cli_pack import PACK_COMMANDS, add_pack_parsers, run_pack
 from service.cli_service import SERVICE_COMMANDS, add_service_parsers
+from service.cli_train import TRAIN_COMMANDS, add_train_parsers, run_train
+from service.cli_vector_io import VECTOR_IO_COMMANDS, add_vector_io_parsers, run_vector_io
 from steering.errors import SteerwatchError
 
 if TYPE_CHECKING:
     pass
 
-SUBCOMMANDS = ("prepare", "generate", "inspect", "vector", "bench", "serve", "keys", "chat", "demo")
+SUBCOMMANDS = ("prepare", "generate", "inspect", "vector", "bench", "extract", "train", "sae", "pack", "serve",
+               "keys", "chat", "demo")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -68,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--layers", required=True, help="e.g. 6 or 4-8 or all")
     d.add_argument("--position", default="last", choices=["last", "mean"])
     d.add_argument("-o", "--output", required=True)
+    add_vector_io_parsers(vsub)
 
     b = sub.add_parser("bench", help="tokens/s of the plain model vs steerwatch configurations")
     _model_args(b)
@@ -75,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=16)
     b.add_argument("--repeats", type=int, default=1)
     b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    add_extract_parsers(sub)
+    add_pack_parsers(sub)
+    add_train_parsers(sub)
     add_service_parsers(sub)
     return parser
 
@@ -106,7 +115,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_inspect(args)
     if args.command == "vector":
+        if args.vector_command in VECTOR_IO_COMMANDS:
+            return run_vector_io(args, Console(highlight=False))
         return _vector_diff(args)
+    if args.command in PACK_COMMANDS:
+        return run_pack(args, Console(highlight=False))
+    if args.command in EXTRACT_COMMANDS:
+        return run_extract(args, Console(highlight=False))
+    if args.command in TRAIN_COMMANDS:
+        return run_train(args, Console(highlight=False))
     if args.command in SERVICE_COMMANDS:
         return SERVICE_COMMANDS[args.command](args)
     return _generate(args)

@@ -13,11 +13,20 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from monitors.rules import RuleSpec
 from steering.errors import InvalidArgument, LimitExceeded, SteerwatchError, invalid
-from steering.spec import MAX_GATES, AblateEdit, AddEdit, ClampEdit, Edit, GateSpec, InterventionSpec, ReadSpec
+from steering.spec import (
+    MAX_GATES,
+    AblateEdit,
+    AddEdit,
+    ClampEdit,
+    Edit,
+    GateSpec,
+    InterventionSpec,
+    ReadSpec,
+)
 
 Action = Literal["annotate", "alert", "stop", "steer"]
 ACTIONS = ("annotate", "alert", "stop", "steer")
@@ -135,8 +144,8 @@ def rename_field(exc: SteerwatchError, rename: Callable[[str, int], str]) -> Ste
 
 
 def scoped(tenant: str, vector_id: str) -> str:
-    """The registry key of a tenant's vector."""
-    return f"{tenant}/{vector_id}"
+    """The registry key of a tenant's vector; the monitor pack's shared ids (``pack:``) stay as they are."""
+    return vector_id if vector_id.startswith("pack:") else f"{tenant}/{vector_id}"
 
 
 def resolve(policy: Policy, tenant: str, extra_edits: list[Edit], extra_monitors: list[MonitorRule],
@@ -163,7 +172,7 @@ def resolve(policy: Policy, tenant: str, extra_edits: list[Edit], extra_monitors
         field, _, msg = str(exc).partition(": ")
         raise invalid(field, msg) from exc
     edits = [_scope_edit(e, tenant) for e in [*policy.steering, *extra_edits]]
-    reads = [_read_of(m, tenant) for m in monitors]
+    reads = [read_of(m, tenant) for m in monitors]
     gates = [GateSpec(name=m.name, reading=m.name, **m.spec.model_dump()) for m in monitors if m.action == "steer"]
     origins = ["policy"] * len(policy.steering) + ["request"] * len(extra_edits)
     return InterventionSpec(edits=edits, reads=reads, gates=gates), monitors, origins
@@ -184,7 +193,7 @@ def _scope_edit(e: Edit, tenant: str) -> Edit:
     return e
 
 
-def _read_of(m: MonitorRule, tenant: str) -> ReadSpec:
+def read_of(m: MonitorRule, tenant: str) -> ReadSpec:
     source = scoped(tenant, m.source) if m.kind == "direction" else m.source
     return ReadSpec(name=m.name, kind=m.kind, source=source, layer=m.layer, feature=m.feature, metric=m.metric)
 

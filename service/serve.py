@@ -102,6 +102,18 @@ def load_assets(engine: Any, settings: Settings) -> tuple[list[str], list[str]]:
     return [s.id for s in settings.saes], [p.id for p in settings.probes]
 
 
+def load_monitor_pack(engine: Any, setting: str, model_name: str) -> dict[str, list[str]]:
+    """The monitor pack's assets, registered as pack:<name> (see service.pack)."""
+    from service.pack import load_pack, resolve_pack
+
+    root = resolve_pack(setting, model_name)
+    if root is None:
+        return {"probe": [], "vector": [], "sae": []}
+    loaded = load_pack(root, engine.registry, model_name=model_name, d_model=engine.shape.d_model)
+    log.info("monitor pack %s: %s", root, ", ".join(k for ids in loaded.values() for k in ids))
+    return loaded
+
+
 async def start_replica(settings: Settings, *, lm: Any = None, store: Store | None = None,
                         progress: bool = False) -> Replica:
     """Load (or take) the model, start the engine, open the store, serve. Health is SERVING only after a
@@ -114,6 +126,8 @@ async def start_replica(settings: Settings, *, lm: Any = None, store: Store | No
                                      device=settings.device, progress=progress)
     engine = HFEngine(lm, limits=settings.limits.engine_limits()).start()
     sae_ids, probe_ids = load_assets(engine, settings)
+    shared = load_monitor_pack(engine, settings.monitor_pack, lm.name)
+    sae_ids, probe_ids = sae_ids + shared["sae"], probe_ids + shared["probe"]
     if store is None:
         store = await open_store(settings.redis_url, alert_maxlen=settings.alert_stream_maxlen)
     metrics = Metrics()
@@ -121,7 +135,8 @@ async def start_replica(settings: Settings, *, lm: Any = None, store: Store | No
     lim = settings.limits
     fallback = Policy(limits=PolicyLimits(max_abs_coef=lim.max_abs_coef, max_tokens=lim.max_new_tokens,
                                           default_max_tokens=lim.default_max_tokens))
-    app = App(engine, store, metrics, lm.name, sae_ids=sae_ids, probe_ids=probe_ids, fallback_policy=fallback,
+    app = App(engine, store, metrics, lm.name, sae_ids=sae_ids, probe_ids=probe_ids,
+              shared_vectors=shared["vector"], fallback_policy=fallback,
               request_timeout_s=lim.request_timeout_seconds)
     handle = build_server(settings, store, metrics, _servicers(app))
     app.draining = handle.draining

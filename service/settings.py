@@ -149,6 +149,8 @@ class Settings(BaseSettings):
     alert_stream_maxlen: int = Field(10_000, ge=1, le=10_000_000, description="alerts kept per tenant")
     saes: list[AssetSpec] = Field(default_factory=list, max_length=64, description="SAEs loaded at start")
     probes: list[AssetSpec] = Field(default_factory=list, max_length=256, description="probes loaded at start")
+    monitor_pack: str = Field("auto", min_length=1, description="'auto' (the model's built pack, if any), 'none', "
+                              "or a pack directory; its assets are shared as pack:<name> ids")
     tls_cert_file: FilePath | None = Field(None, description="PEM certificate chain; with tls_key_file")
     tls_key_file: FilePath | None = Field(None, description="PEM private key; with tls_cert_file")
     bootstrap_admin_key: SecretStr | None = Field(None, description="admin API key added at start (16+ characters)")

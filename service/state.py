@@ -79,6 +79,9 @@ class TenantVectors:
             key = scoped(tenant, vid)
             if self.registry.has("vector", key):
                 continue
+            if key == vid:  # a shared monitor-pack id: loaded at start or not at all
+                raise NotFound(f"{field}: no shared vector {vid!r} on this server (is its monitor pack built?)",
+                               field=field)
             gen = self._generation
             record = await self.store.get_vector(tenant, vid)
             if record is None:

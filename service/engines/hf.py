@@ -89,7 +89,7 @@ class HFEngine:
     def __init__(self, lm: Any, registry: Registry | None = None, limits: EngineLimits | None = None,
                  *, hooks: bool = True) -> None:
         self.lm = lm
-        self.shape = ModelShape(lm.n_layers, lm.d_model, lm.name)
+        self.shape = ModelShape(lm.n_layers, lm.d_model, _canonical_name(lm.name))
         self.registry = registry or Registry(lm.d_model)
         self.limits = limits or EngineLimits()
         self.hooks = LayerHooks(lm.layers)
@@ -433,6 +433,14 @@ def _plan_for(compiled: list, d_model: int, device: Any) -> BatchPlan | None:
     if all(c.empty for c in compiled):
         return None
     return BatchPlan([None if c.empty else c for c in compiled], d_model, device)
+
+
+def _canonical_name(name: str) -> str:
+    """The model name SAEs are checked against: only the embedded default's is canonical (a local
+    checkpoint is named after its directory, which says nothing reliable about the model)."""
+    from service.models import DEFAULT_MODEL_NAME
+
+    return name if name == DEFAULT_MODEL_NAME else ""
 
 
 def _eos_ids(lm: Any) -> set[int]:

@@ -11,6 +11,7 @@ import torch
 
 from service.app import App
 from service.context import tenant_for
+from service.pack import PACK_PREFIX, is_pack_id
 from service.policy import parse_policy, rename_field, resolve
 from service.protos import (
     alert_pb2_grpc,
@@ -116,6 +117,9 @@ class VectorServicer(_VectorServicerBase):
     async def UploadVector(self, request: Any, context: Any) -> Any:  # noqa: N802
         tenant = tenant_for(request.tenant)
         check_id(request.vector_id, "vector_id")
+        if is_pack_id(request.vector_id):
+            raise invalid("vector_id", f"{request.vector_id!r}: ids starting with {PACK_PREFIX!r} are reserved for "
+                          "the server's monitor pack")
         if not request.layers:
             raise invalid("layers", "is empty; give at least one layer's values")
         per_layer = {}
@@ -253,7 +257,7 @@ class ModelServicer(_ModelServicerBase):
             model=self.app.model_name, n_layers=eng.shape.n_layers, d_model=eng.shape.d_model,
             engine=self.app.engine_kind, saes=saes, probes=probes,
             monitor_kinds=["probe", "direction", "sae_feature"], max_prompt_tokens=eng.limits.max_prompt_tokens,
-            max_new_tokens=eng.limits.max_new_tokens)
+            max_new_tokens=eng.limits.max_new_tokens, shared_vectors=self.app.shared_vectors)
 
 
 def _probe_info(probe_id: str, p: Any) -> Any:

@@ -20,7 +20,8 @@ from service.convert import (
     sampling_from_proto,
 )
 from service.engines.types import FinalEvent, GenerationRequest, PromptEvent, TokenEvent
-from service.policy import MonitorRule, rename_field, resolve
+from service.explain import Pending, explain
+from service.policy import MonitorRule, rename_field, resolve, unscoped
 from service.protos import chat_pb2, chat_pb2_grpc
 from steering.errors import DeadlineExceeded, SteerwatchError
 from steering.spec import AblateEdit, AddEdit
@@ -112,7 +113,7 @@ def _in_request_terms(exc: SteerwatchError, prepared: Prepared) -> SteerwatchErr
 
 
 def _vector_ids(spec: Any, rules: list[MonitorRule]) -> set[str]:
-    ids = {e.vector.split("/", 1)[1] for e in spec.edits if isinstance(e, AddEdit | AblateEdit)}
+    ids = {unscoped(e.vector) for e in spec.edits if isinstance(e, AddEdit | AblateEdit)}
     return ids | {r.source for r in rules if r.kind == "direction"}
 
 
@@ -125,14 +126,23 @@ class Session:
         self.rules: RuleSet[MonitorRule] = RuleSet(prepared.rules, external={r.name for r in prepared.rules if r.action == "steer"})
         self.text = ""
         self.stopped = False
+        self.prompt_ids: list[int] = []
+        self.generated: list[int] = []
+        self.to_explain: dict[str, Pending] = {}  # first firing of each monitor with explain: true
 
     async def on_event(self, ev: Any) -> list[Any]:
         if isinstance(ev, PromptEvent):
+            self.prompt_ids = list(ev.token_ids)
             return [await self._alert(f) for f in self.rules.on_prompt(ev.readings, ev.gates)]
         if isinstance(ev, TokenEvent):
-            return await self._token(ev)
+            out = await self._token(ev)
+            self.generated.append(ev.token_id)
+            return out
         if isinstance(ev, FinalEvent):
-            return [self._final(ev)]
+            pending = list(self.to_explain.values())
+            explanations = await explain(self.app.engine, self.tenant, pending, self.prompt_ids, self.generated) \
+                if pending else []
+            return [self._final(ev, explanations)]
         return []
 
     async def _token(self, ev: TokenEvent) -> list[Any]:
@@ -152,6 +162,8 @@ class Session:
 
     async def _alert(self, f: Firing[MonitorRule], pending: str = "") -> Any:
         action = f.rule.action
+        if f.rule.explain and f.rule.name not in self.to_explain:
+            self.to_explain[f.rule.name] = Pending(f.rule, f.phase, f.token_end)
         self.stopped = self.stopped or action == "stop"
         event = chat_pb2.AlertEvent(
             monitor=f.rule.name, action=action, peak_score=f.peak, threshold=f.rule.spec.threshold,
@@ -164,7 +176,7 @@ class Session:
         self.app.metrics.observe_alert(label, action)
         return chat_pb2.GenerateResponse(alert=event)
 
-    def _final(self, ev: FinalEvent) -> Any:
+    def _final(self, ev: FinalEvent, explanations: list[Any]) -> Any:
         reason = "policy" if self.stopped else ev.finish_reason
         self._observe(ev)
         return chat_pb2.GenerateResponse(final=chat_pb2.FinalRecord(
@@ -177,7 +189,8 @@ class Session:
             model=self.app.model_name,
             timings=chat_pb2.Timings(queue_seconds=ev.queue_s, ttft_seconds=ev.ttft_s or 0.0, total_seconds=ev.total_s),
             text=self.text if self.stopped else ev.text, tail="" if self.stopped else ev.tail,
-            policy=self.prepared.policy, policy_version=self.prepared.version, request_id=current_request_id()))
+            policy=self.prepared.policy, policy_version=self.prepared.version, request_id=current_request_id(),
+            explanations=explanations))
 
     def _observe(self, ev: FinalEvent) -> None:
         m = self.app.metrics

@@ -379,3 +379,24 @@ def test_policy_conditional_steering_alerts_and_switches_on(store_kind: str) -> 
             assert summary["trigger"].fired and summary["trigger"].action == "steer"
             await engine_idle(r.app)
     run(body())
+
+
+def test_explain_reports_which_tokens_drove_a_fired_monitor() -> None:
+    async def body() -> None:
+        async with rig("memory") as r:
+            c = r.client
+            await c.upload_vector("probe", {1: PROBE})
+            explained = direction_monitor("why", "probe", -NEVER, action="alert", explain=True, aggregation="mean",
+                                          window=2)
+            quiet = direction_monitor("calm", "probe", NEVER, explain=True)
+            await c.put_policy("p", policy_doc([explained, quiet]))
+            res = await c.generate(PROMPT, 4, policy="p", include_readings=True)
+            (ex,) = res.final.explanations  # only the monitor that fired is explained
+            n_prompt = len(encode_prompt(tiny_lm().tokenizer, PROMPT))
+            assert (ex.monitor, ex.method, ex.target, ex.error) == ("why", "grad_x_input", n_prompt - 1, "")
+            # token 0's reading came from the last prompt position: the explanation recomputes that score
+            assert ex.score == pytest.approx(res.tokens[0].readings["why"], rel=1e-3, abs=1e-3)
+            assert 0 < len(ex.top) <= 8 and all(0 <= t.position < n_prompt for t in ex.top)
+            assert [abs(t.attribution) for t in ex.top] == sorted((abs(t.attribution) for t in ex.top), reverse=True)
+            await engine_idle(r.app)
+    run(body())
