@@ -9,6 +9,9 @@ export STEERWATCH_TEST_REDIS_URL
 echo "redis for tests: $STEERWATCH_TEST_REDIS_URL"
 .venv/bin/ruff check steering monitors service tests || exit 1
 .venv/bin/mypy || exit 1
+# The slow tests check the real default monitor pack: build it once (cached; a no-op afterwards).
+.venv/bin/steerwatch prepare >/dev/null || exit 1
+.venv/bin/steerwatch pack build >/dev/null || exit 1
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -51,34 +51,36 @@ def _phase(phase: str) -> int:
     return PHASES[phase]
 
 
-def add(vector_id: str, coef: float, layers: Iterable[int] = (), phase: str = "both") -> Any:
-    """A SteeringEntry adding ``coef`` x the tenant's vector (layers: empty = the vector's own)."""
+def add(vector_id: str, coef: float, layers: Iterable[int] = (), phase: str = "both", when: str = "") -> Any:
+    """A SteeringEntry adding ``coef`` x the tenant's vector (layers: empty = the vector's own);
+    ``when``: a steer monitor's name (off until it fires)."""
     return common_pb2.SteeringEntry(add=common_pb2.AddVector(
-        vector_id=vector_id, coef=coef, layers=list(layers), phase=_phase(phase)))
+        vector_id=vector_id, coef=coef, layers=list(layers), phase=_phase(phase)), when=when)
 
 
-def ablate(vector_id: str, layers: Iterable[int] | str = "all", phase: str = "both") -> Any:
+def ablate(vector_id: str, layers: Iterable[int] | str = "all", phase: str = "both", when: str = "") -> Any:
     """A SteeringEntry removing the vector's direction at ``layers`` (or "all")."""
     every = layers == "all"
     if isinstance(layers, str) and not every:
         raise invalid("layers", f"{layers!r} is neither 'all' nor a list of layers")
     return common_pb2.SteeringEntry(ablate=common_pb2.Ablate(
-        vector_id=vector_id, layers=[] if every else list(layers), all_layers=every, phase=_phase(phase)))
+        vector_id=vector_id, layers=[] if every else list(layers), all_layers=every, phase=_phase(phase)), when=when)
 
 
 def clamp(sae_id: str, feature: int, value: float, *, max_multiple: bool = False, layer: int | None = None,
-          phase: str = "both") -> Any:
+          phase: str = "both", when: str = "") -> Any:
     """A SteeringEntry clamping an SAE feature to ``value`` (or ``value`` x its recorded max)."""
     return common_pb2.SteeringEntry(clamp=common_pb2.Clamp(
         sae_id=sae_id, feature=feature, value=value, max_multiple=max_multiple, layer=layer or 0,
-        has_layer=layer is not None, phase=_phase(phase)))
+        has_layer=layer is not None, phase=_phase(phase)), when=when)
 
 
 def monitor(name: str, kind: str, source: str, threshold: float, *, action: str = "annotate",
-            layer: int | None = None, feature: int = 0) -> Any:
-    """A per-request MonitorSpec (kind: probe, direction or sae_feature; action: annotate, alert, stop)."""
+            layer: int | None = None, feature: int = 0, **rule: Any) -> Any:
+    """A per-request MonitorSpec (kind: probe, direction or sae_feature; action: annotate, alert, stop,
+    steer). ``rule``: aggregation, window, alpha, count, hysteresis, scope, metric, explain."""
     return chat_pb2.MonitorSpec(name=name, kind=kind, source=source, threshold=threshold, action=action,
-                                layer=layer or 0, has_layer=layer is not None, feature=feature)
+                                layer=layer or 0, has_layer=layer is not None, feature=feature, **rule)
 
 
 def message(role: str, content: str, *, field: str = "role") -> Any:

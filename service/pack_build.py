@@ -40,6 +40,12 @@ class PackConfig:
     n_neutral: int = 24
     batch_size: int = 8
     seed: int = 0
+    sae: bool = True
+    sae_depth: float = 1 / 3
+    sae_width: int = 4096
+    sae_k: int = 32
+    sae_tokens: int = 200_000
+    sae_batch: int = 1024
 
     def layers(self, n_layers: int) -> list[int]:
         return sorted({min(n_layers - 1, int(f * n_layers)) for f in self.depths})
@@ -47,8 +53,8 @@ class PackConfig:
     @classmethod
     def quick(cls) -> PackConfig:
         """Tiny sets, one layer: a smoke run (tests), whose numbers mean little."""
-        return cls(depths=[1 / 3], coefs=[-4.0, 0.0, 4.0],
-                   refusal_coefs=[0.0, 1.0], n_facts=24, n_caa_train=16, n_refusal_train=8, n_val=6, n_neutral=4)
+        return cls(depths=[1 / 3], coefs=[-4.0, 0.0, 4.0], refusal_coefs=[0.0, 1.0], n_facts=24, n_caa_train=16,
+                   n_refusal_train=8, n_val=6, n_neutral=4, sae_width=64, sae_k=8, sae_tokens=4096, sae_batch=256)
 
 
 def build_pack(lm: Any, out: Path, cfg: PackConfig, stage: Stage) -> dict[str, Any]:
@@ -73,6 +79,10 @@ def build_pack(lm: Any, out: Path, cfg: PackConfig, stage: Stage) -> dict[str, A
     with stage("refusal direction and its effect"):
         asset, report["refusal"] = _refusal(lm, runner, neutral, out, cfg)
         assets.append(asset)
+    if cfg.sae:
+        with stage(f"TopK SAE on the neutral corpus ({cfg.sae_tokens} tokens)"):
+            asset, report["sae"] = _sae(lm, collector, out, cfg)
+            assets.append(asset)
     manifest = {"format": PACK_FORMAT, "model": lm.name, "built_seconds": round(time.time() - started, 1),
                 "config": cfg.__dict__, "assets": assets, "report": report}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -203,6 +213,29 @@ def _refusal(lm: Any, runner: Any, neutral: list[str], out: Path, cfg: PackConfi
                    for (c, s), (_, k) in zip(induced, kl_add, strict=True)]}
 
 
+def _sae(lm: Any, collector: Any, out: Path, cfg: PackConfig) -> tuple[dict, dict]:
+    from monitors.datasets import CorpusText, load_packaged
+    from monitors.train.activations import shuffled_epochs
+    from monitors.train.sae import SAETrainConfig, train_sae
+
+    layer = min(lm.n_layers - 1, int(cfg.sae_depth * lm.n_layers))
+    texts = [c.text for c in load_packaged("neutral_corpus", CorpusText)]
+    n_held = max(1, len(texts) // 10)
+    held = collector.collect(texts[:n_held], [layer]).acts[layer]
+    train = collector.collect(texts[n_held:], [layer]).acts[layer]
+    sae_cfg = SAETrainConfig(d_in=lm.d_model, d_sae=cfg.sae_width, arch="topk", k=cfg.sae_k, lr=1e-3,
+                             batch_size=cfg.sae_batch, total_tokens=cfg.sae_tokens,
+                             dead_tokens=min(cfg.sae_tokens // 4, 50_000), seed=cfg.seed)
+    result = train_sae(shuffled_epochs(train, seed=cfg.seed), sae_cfg, heldout=held)
+    result.observe_max(train)
+    result.save(out / "sae", model_name=lm.name, layer=layer)
+    m = result.metrics
+    asset = {"name": "sae", "kind": "sae", "file": "sae", "layer": layer}
+    return asset, {"layer": layer, "d_sae": cfg.sae_width, "k": cfg.sae_k, "tokens": result.tokens,
+                   "corpus_tokens": int(train.shape[0]), "heldout_tokens": m.n_tokens, "mse": m.mse, "fve": m.fve,
+                   "l0": m.l0, "dead_fraction": m.dead_fraction}
+
+
 def render_report(m: dict[str, Any]) -> str:
     """The manifest's numbers as Markdown tables."""
     d, s, r = m["report"]["deception"], m["report"]["sycophancy"], m["report"]["refusal"]
@@ -228,4 +261,11 @@ def render_report(m: dict[str, Any]) -> str:
               f"{r['ablation_kl_neutral']:.4f})", f"- harmless prompts: {r['baseline_harmless']:.2f} plain", "",
               "| coefficient of r added | harmless refusal score | KL on neutral text |", "|---:|---:|---:|"]
     lines += [f"| {x['coef']:g} | {x['harmless_refusal']:.2f} | {x['neutral_kl']:.4f} |" for x in r["effect"]]
+    if "sae" in m["report"]:
+        a = m["report"]["sae"]
+        lines += ["", "## SAE (TopK, neutral corpus)", "",
+                  f"Layer {a['layer']}, {a['d_sae']} latents, k = {a['k']}; {a['tokens']} training tokens "
+                  f"({a['corpus_tokens']} distinct); on {a['heldout_tokens']} held-out tokens: fraction of "
+                  f"variance explained {a['fve']:.3f}, MSE {a['mse']:.4g}, L0 {a['l0']:.1f}, dead latents "
+                  f"{a['dead_fraction']:.1%}."]
     return "\n".join(lines) + "\n"

@@ -400,3 +400,41 @@ def test_explain_reports_which_tokens_drove_a_fired_monitor() -> None:
             assert [abs(t.attribution) for t in ex.top] == sorted((abs(t.attribution) for t in ex.top), reverse=True)
             await engine_idle(r.app)
     run(body())
+
+
+def test_request_monitors_carry_rule_fields_and_conditional_steering() -> None:
+    """A request's own monitors: count aggregation over a window (checked against the streamed readings)
+    and a steer monitor switching on a request steering entry (`when`)."""
+    from service import client as sw
+
+    async def body() -> None:
+        async with rig("memory") as r:
+            c = r.client
+            await c.upload_vector("probe", {1: PROBE})
+            await c.upload_vector("push", {1: random_vector(5, 8.0)})
+            plain = await c.generate(PROMPT, N, include_readings=True,
+                                     monitors=[sw.monitor("m", "direction", "probe", NEVER, layer=1)])
+            scores = [t.readings["m"] for t in plain.tokens]
+            thr = sorted(scores)[len(scores) // 2]  # half the tokens are above it
+            counted = sw.monitor("m", "direction", "probe", thr, layer=1, aggregation="count", window=3, count=2,
+                                 action="annotate")
+            res = await c.generate(PROMPT, N, include_readings=True, monitors=[counted])
+            expected, armed = [], True
+            for i in range(N):
+                n = sum(s > thr for s in scores[max(0, i - 2):i + 1])
+                if n >= 2 and armed:
+                    expected.append(i)
+                    armed = False
+                elif n < 2:
+                    armed = True
+            assert [a.token_end for a in res.alerts] == expected and expected
+            assert all(a.aggregation == "count" and a.value >= 2 for a in res.alerts)
+            steer = sw.monitor("go", "direction", "probe", -NEVER, layer=0, action="steer")
+            gated = sw.add("push", 3.0, [1], phase="generation", when="go")
+            res = await c.generate(PROMPT, N, monitors=[steer], steering=[gated])
+            assert [(a.monitor, a.action) for a in res.alerts] == [("go", "steer")]
+            assert [t.token_id for t in res.tokens] != [t.token_id for t in plain.tokens]
+            code, details = await rpc_error(c.generate(PROMPT, N, steering=[sw.add("push", 1.0, when="nope")]))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "steering[0].when" in details
+            await engine_idle(r.app)
+    run(body())

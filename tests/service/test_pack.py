@@ -48,19 +48,21 @@ def test_quick_pack_manifest_and_report(pack_dir):
     m = read_manifest(pack_dir)
     assert m["model"] == MODEL_NAME
     assert [(a["name"], a["kind"]) for a in m["assets"]] == [
-        ("deception", "probe"), ("sycophancy", "vector"), ("refusal", "vector")]
+        ("deception", "probe"), ("sycophancy", "vector"), ("refusal", "vector"), ("sae", "sae")]
     rep = m["report"]
     assert 0.0 <= rep["deception"]["layers"][0]["heldout"]["auroc"] <= 1.0
     assert [e["coef"] for e in rep["sycophancy"]["effect"]] == [-4.0, 0.0, 4.0]
     assert rep["sycophancy"]["effect"][1]["neutral_kl"] == pytest.approx(0.0, abs=1e-6)  # coef 0 = plain
     assert all(0.0 <= e["sycophantic_choice"] <= 1.0 for e in rep["sycophancy"]["effect"])
+    assert 0.0 <= rep["sae"]["dead_fraction"] <= 1.0 and rep["sae"]["l0"] <= 8 + 1e-6  # TopK k = 8
     assert (pack_dir / "REPORT.md").read_text().startswith(f"# Monitor pack for {MODEL_NAME}")
 
 
 def test_load_pack_registers_shared_ids_and_refuses_another_model(pack_dir):
     reg = Registry(64)
     loaded = load_pack(pack_dir, reg, model_name=MODEL_NAME, d_model=64)
-    assert loaded == {"probe": ["pack:deception"], "vector": ["pack:sycophancy", "pack:refusal"], "sae": []}
+    assert loaded == {"probe": ["pack:deception"], "vector": ["pack:sycophancy", "pack:refusal"], "sae": ["pack:sae"]}
+    assert reg.sae("pack:sae").hook_layer == read_manifest(pack_dir)["report"]["sae"]["layer"]
     assert reg.probe("pack:deception").threshold is not None
     with pytest.raises(InvalidArgument, match="was built for model"):
         load_pack(pack_dir, Registry(64), model_name="gemma-3-270m", d_model=64)
@@ -83,6 +85,7 @@ def test_replica_serves_the_pack_to_every_tenant(pack_dir):
                 info = await c.info()
                 assert list(info.shared_vectors) == ["pack:sycophancy", "pack:refusal"]
                 assert "pack:deception" in [p.probe_id for p in info.probes]
+                assert "pack:sae" in [x.sae_id for x in info.saes]
                 layer = read_manifest(pack_dir)["assets"][2]["layer"]
                 monitors = [{"name": "deception", "kind": "probe", "source": "pack:deception", "threshold": 2.0,
                              "aggregation": "mean", "window": 4},
@@ -118,7 +121,8 @@ def test_default_pack_loads_and_reads_in_range(default_model):
     reads = [ReadSpec(name="deception", kind="probe", source="pack:deception"),
              ReadSpec(name="refusal", kind="direction", source="pack:refusal", layer=layers["refusal"]),
              ReadSpec(name="sycophancy", kind="direction", source="pack:sycophancy", layer=layers["sycophancy"],
-                      metric="cosine")]
+                      metric="cosine"),
+             ReadSpec(name="sae", kind="sae_feature", source="pack:sae", feature=0)]
     with engine:
         events = engine.run(GenerationRequest(prompt="The capital of France is", sampling=Sampling(max_tokens=6),
                                               interventions=InterventionSpec(reads=reads)))
@@ -127,5 +131,6 @@ def test_default_pack_loads_and_reads_in_range(default_model):
     for t in tokens:
         assert 0.0 <= t.readings["deception"] <= 1.0
         assert -1.0 <= t.readings["sycophancy"] <= 1.0 and math.isfinite(t.readings["refusal"])
+        assert t.readings["sae"] >= 0.0  # a TopK latent is a ReLU of its pre-activation
     assert m["report"]["deception"]["layers"] and 0.5 <= max(
         x["heldout"]["auroc"] for x in m["report"]["deception"]["layers"]) <= 1.0
