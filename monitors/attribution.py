@@ -149,6 +149,9 @@ def _grad_x_input(model: nn.Module, layers: nn.ModuleList, ids: list[int], score
             scores = _scores(score_fn, _residual(model, layers, layer, embeds)[0], n)
             if target is None:
                 target = _argmax(scores, bos)
+            if not scores.requires_grad:
+                raise invalid("score_fn", "its scores carry no gradient (detached or computed under no_grad); "
+                              "make it differentiable or use method=occlusion")
             (grad,) = torch.autograd.grad(scores[target], embeds)
         except RuntimeError as exc:
             if "nference tensor" not in str(exc):

@@ -170,7 +170,7 @@ def _refusal(args: argparse.Namespace, console: Console) -> int:
 def _refusal_report(args: argparse.Namespace, console: Console, result: Any, path: str, skipped: list) -> int:
     c = result.chosen
     chosen = {"layer": c.layer, "position": c.position, "ablated_refusal": c.ablated_refusal, "kl": c.kl,
-              "induced_refusal": c.induced_refusal, "norm": c.norm}
+              "induced_refusal": c.induced_refusal, "norm": c.norm, "selection": result.selection}
     if args.json:
         _emit({"output": args.output, "chosen": chosen, "baseline_harmful": result.baseline_harmful,
                "baseline_harmless": result.baseline_harmless, "skipped": skipped,
@@ -185,6 +185,10 @@ def _refusal_report(args: argparse.Namespace, console: Console, result: Any, pat
                       f"{x.induced_refusal:.2f}", f"{x.norm:.1f}")
     console.print(table)
     console.print(f"baseline refusal score: harmful {result.baseline_harmful:.2f}, harmless "
-                  f"{result.baseline_harmless:.2f}; chosen layer {c.layer}, position {c.position} (*)")
+                  f"{result.baseline_harmless:.2f}; chosen layer {c.layer}, position {c.position} (*) by "
+                  f"{result.selection}")
+    if result.selection != "kl+induce":
+        console.print(f"[yellow]no candidate passed Arditi's filters (KL < {args.max_kl} on harmless prompts and "
+                      "adding r raises refusal): this model may have no refusal behaviour to find[/]")
     console.print(f"direction written to {args.output} (the same r at every layer, for ablation)")
     return 0

@@ -31,8 +31,8 @@ class PackConfig:
     """Sizes of the build. ``quick`` shrinks every set (for tests and smoke runs, not for the report)."""
 
     depths: list[float] = field(default_factory=lambda: [1 / 6, 1 / 3, 1 / 2, 2 / 3])  # layers tried, by depth
-    coefs: list[float] = field(default_factory=lambda: [-8.0, -4.0, 0.0, 4.0, 8.0])
-    refusal_coefs: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0])
+    coefs: list[float] = field(default_factory=lambda: [-32.0, -16.0, -8.0, 0.0, 8.0, 16.0, 32.0])
+    refusal_coefs: list[float] = field(default_factory=lambda: [-16.0, -4.0, 0.0, 4.0, 16.0])
     n_facts: int = 200
     n_caa_train: int = 160
     n_refusal_train: int = 64
@@ -149,6 +149,10 @@ def _sycophancy(lm: Any, collector: Any, runner: Any, neutral: list[str], out: P
     save_vector(result.vector, out / "sycophancy.safetensors")
     layer = result.best.layer
     v = result.vector.at(layer)
+    held_texts = [ab_texts(q.question, q.answer_matching_behavior, q.answer_not_matching_behavior) for q in held]
+    flat = [p for p, _ in held_texts] + [n for _, n in held_texts]
+    h = collector.collect(flat, [layer], last_token_starts(collector.encode, flat)).acts[layer]
+    proj = (h[:len(held)] - h[len(held):]) @ (v / v.norm())
     prompts = [ab_texts(q.question, "(A)", "(B)")[0][:-1] for q in held]  # ends with "("
     letter = _letter_ids(lm)
     match = [letter[q.answer_matching_behavior] for q in held]
@@ -159,6 +163,7 @@ def _sycophancy(lm: Any, collector: Any, runner: Any, neutral: list[str], out: P
                             cfg.coefs)
     asset = {"name": "sycophancy", "kind": "vector", "file": "sycophancy.safetensors", "layer": layer}
     return asset, {"pairs": n, "heldout_questions": len(held), "layer": layer, "norm": float(v.norm()),
+                   "heldout_pair_accuracy": float((proj > 0).float().mean()),
                    "separation": [s.__dict__ for s in result.sweep],
                    "effect": [{"coef": c, "sycophantic_choice": r, "neutral_kl": k}
                               for (c, r), (_, k) in zip(rate, kl, strict=True)]}
@@ -194,6 +199,7 @@ def _refusal(lm: Any, runner: Any, neutral: list[str], out: Path, cfg: PackConfi
                                  layers=cfg.layers(lm.n_layers), model=lm.name, source="instructions")
     save_vector(res.vector, out / "refusal.safetensors")
     r = res.vector.at(res.chosen.layer)
+    auroc_val = _direction_auroc(runner, val["harmful"], val["harmless"], r, res.chosen.layer, res.chosen.position)
 
     def ablate() -> Any:
         return ablating(runner.layers, r)
@@ -205,12 +211,23 @@ def _refusal(lm: Any, runner: Any, neutral: list[str], out: Path, cfg: PackConfi
     asset = {"name": "refusal", "kind": "vector", "file": "refusal.safetensors", "layer": res.chosen.layer}
     return asset, {
         "layer": res.chosen.layer, "position": res.chosen.position, "norm": float(r.norm()),
+        "selection": res.selection, "monitor_auroc": auroc_val,
         "baseline_harmful": res.baseline_harmful, "baseline_harmless": res.baseline_harmless,
         "ablated_harmful": res.chosen.ablated_refusal, "ablation_kl_harmless": res.chosen.kl,
         "ablation_kl_neutral": neutral_kl(runner, neutral, ablate),
         "candidates": [c.__dict__ for c in res.candidates],
         "effect": [{"coef": c, "harmless_refusal": s, "neutral_kl": k}
                    for (c, s), (_, k) in zip(induced, kl_add, strict=True)]}
+
+
+def _direction_auroc(runner: Any, harmful: list[str], harmless: list[str], r: torch.Tensor, layer: int,
+                     position: int) -> float:
+    """How well the projection on r at (layer, position) tells held-out harmful from harmless prompts."""
+    from monitors.train.probe import auroc
+
+    n = -position
+    proj = [runner.tail_residuals(x, [layer], n)[layer][:, 0] @ (r / r.norm()) for x in (harmful, harmless)]
+    return auroc(torch.cat(proj), [True] * len(harmful) + [False] * len(harmless))
 
 
 def _sae(lm: Any, collector: Any, out: Path, cfg: PackConfig) -> tuple[dict, dict]:
@@ -230,6 +247,7 @@ def _sae(lm: Any, collector: Any, out: Path, cfg: PackConfig) -> tuple[dict, dic
     result.observe_max(train)
     result.save(out / "sae", model_name=lm.name, layer=layer)
     m = result.metrics
+    assert m is not None  # set when a held-out set is given
     asset = {"name": "sae", "kind": "sae", "file": "sae", "layer": layer}
     return asset, {"layer": layer, "d_sae": cfg.sae_width, "k": cfg.sae_k, "tokens": result.tokens,
                    "corpus_tokens": int(train.shape[0]), "heldout_tokens": m.n_tokens, "mse": m.mse, "fve": m.fve,
@@ -249,13 +267,17 @@ def render_report(m: dict[str, Any]) -> str:
         lines.append(f"| {x['layer']} | {h['auroc']:.3f} | {h['recall']:.2f} | {t['auroc']:.3f} | {t['recall']:.2f} |")
     lines += ["", "## Sycophancy vector (CAA)", "",
               f"{s['pairs']} training pairs, {s['heldout_questions']} held-out questions; layer {s['layer']} "
-              f"(|v| = {s['norm']:.1f}).", "", "| layer | pair accuracy | effect size |", "|---:|---:|---:|"]
+              f"(|v| = {s['norm']:.1f}); as a monitor, the matching answer projects above the other on "
+              f"{s['heldout_pair_accuracy']:.0%} of the held-out questions.", "",
+              "Separation per layer (pairs held out inside the training questions):", "",
+              "| layer | pair accuracy | effect size |", "|---:|---:|---:|"]
     lines += [f"| {x['layer']} | {x['pair_accuracy']:.2f} | {x['effect_size']:.2f} |" for x in s["separation"]]
     lines += ["", "| coefficient | sycophantic choice rate | KL on neutral text |", "|---:|---:|---:|"]
     lines += [f"| {x['coef']:g} | {x['sycophantic_choice']:.3f} | {x['neutral_kl']:.4f} |" for x in s["effect"]]
     lines += ["", "## Refusal direction", "",
-              f"Layer {r['layer']}, position {r['position']} (|r| = {r['norm']:.1f}). Refusal score = "
-              "log-odds of a refusal opening at the first response token.", "",
+              f"Layer {r['layer']}, position {r['position']} (|r| = {r['norm']:.1f}), chosen by: {r['selection']}. "
+              "Refusal score = log-odds of a refusal opening at the first response token. As a monitor, the "
+              f"projection on r tells held-out harmful from harmless prompts with AUROC {r['monitor_auroc']:.3f}.", "",
               f"- harmful prompts: {r['baseline_harmful']:.2f} plain, {r['ablated_harmful']:.2f} with r ablated "
               f"at every layer (KL on harmless {r['ablation_kl_harmless']:.4f}, on neutral text "
               f"{r['ablation_kl_neutral']:.4f})", f"- harmless prompts: {r['baseline_harmless']:.2f} plain", "",

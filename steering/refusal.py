@@ -12,7 +12,10 @@ held-out instructions by
 
 The refusal score is Arditi's: log p(R) - log(1 - p(R)) at the first response position, where R is
 the set of first tokens of typical refusals. The choice keeps candidates with L < 0.8 depth, KL below
-``max_kl`` and an induced score above the harmless baseline, and takes the lowest ablated score.
+``max_kl`` and an induced score above the harmless baseline, and takes the lowest ablated score. When
+no candidate passes both filters it falls back to the KL filter alone, then to the lowest KL (a model
+without refusal behaviour, such as a small base model, has no candidate that passes); ``selection``
+says which rule chose.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class RefusalResult:
     baseline_harmful: float  # refusal score without edits
     baseline_harmless: float
     ablated_all_layers: float  # the chosen direction ablated: refusal score on harmful prompts
+    selection: str  # "kl+induce" (Arditi's filters), "kl only", or "lowest kl" (no candidate passed)
 
 
 def refusal_token_ids(encode_plain: Encode, prefixes: Sequence[str] = REFUSAL_PREFIXES) -> list[int]:
@@ -169,12 +173,21 @@ def find_refusal_direction(runner: Runner, harmful: Sequence[str], harmless: Seq
             cands.append(_score(runner, r, layer, p - n_positions, harmful_val, harmless_val, plain_harmless, refusal_ids))
             if progress is not None:
                 progress(len(cands), total)
-    ok = [c for c in cands if c.kl < max_kl and c.induced_refusal > base_s] or cands
-    chosen = min(ok, key=lambda c: c.ablated_refusal)
+    chosen, selection = _choose(cands, max_kl, base_s)
     r = mean_h[chosen.layer][chosen.position + n_positions] - mean_s[chosen.layer][chosen.position + n_positions]
     vec = make_vector({layer: r.clone() for layer in range(n_layers)}, model=model, method="refusal-direction",
                       source=source)
-    return RefusalResult(vec, chosen, cands, base_h, base_s, chosen.ablated_refusal)
+    return RefusalResult(vec, chosen, cands, base_h, base_s, chosen.ablated_refusal, selection)
+
+
+def _choose(cands: list[Candidate], max_kl: float, base_harmless: float) -> tuple[Candidate, str]:
+    both = [c for c in cands if c.kl < max_kl and c.induced_refusal > base_harmless]
+    if both:
+        return min(both, key=lambda c: c.ablated_refusal), "kl+induce"
+    low_kl = [c for c in cands if c.kl < max_kl]
+    if low_kl:
+        return min(low_kl, key=lambda c: c.ablated_refusal), "kl only"
+    return min(cands, key=lambda c: c.kl), "lowest kl"
 
 
 def _score(runner: Runner, r: torch.Tensor, layer: int, position: int, harmful_val: Sequence[str],

@@ -21,7 +21,7 @@ from monitors.capture import recording
 from monitors.probes import make_direction, make_probe
 from monitors.sae import build_sae, parse_config
 from service.models import encode_prompt
-from steering.errors import InvalidArgument
+from steering.errors import FailedPrecondition, InvalidArgument
 from tests.monitors.test_sae_fixtures import make_cfg, make_tensors
 
 PROMPT = "please summarise the quarterly report"
@@ -188,6 +188,18 @@ def test_sae_feature_score_fn_uses_the_saes_encoder_and_differentiates(tiny, ids
         sae_feature_score_fn(sae, 32)
 
 
+def test_a_monitor_built_in_inference_mode_fails_clearly_for_gradients_only(tiny, ids):
+    cfg = make_cfg("topk", k=5)  # TopK encodes with the whole encoder, an inference tensor here
+    cfg.update(d_in=64, d_sae=32)
+    with torch.inference_mode():
+        sae = build_sae(parse_config(cfg, "test"), make_tensors("plain", d_in=64, d_sae=32), "test")
+        feature = int(sae.encode(residual_at(tiny.model, tiny.layers, 1, ids)).sum(0).argmax())
+    fn = sae_feature_score_fn(sae, feature)
+    assert attribute(tiny.model, tiny.layers, ids, fn, 1, method="occlusion").score > 0
+    with pytest.raises(FailedPrecondition, match="score_fn: .*inference_mode.*use method=occlusion"):
+        attribute(tiny.model, tiny.layers, ids, fn, 1)
+
+
 def test_explain_top_is_a_small_json_dict(tiny, ids):
     fn = reader_score_fn(make_direction(direction()))
     out = explain_top(tiny.model, tiny.layers, ids, fn, 1, method="occlusion", target=-1, top=3)
@@ -218,6 +230,7 @@ def test_top_orders_by_magnitude_and_validates():
     ({"method": "occlusion", "baseline_id": 259}, r"baseline_id: 259 is out of range; allowed 0\.\.258"),
     ({"method": "occlusion", "batch_size": 0}, r"batch_size: 0 is not allowed"),
     ({"score_fn": lambda h: h.sum()}, r"score_fn: returned \[\]; it must map a residual"),
+    ({"score_fn": lambda h: h.sum(-1).detach()}, r"score_fn: its scores carry no gradient"),
 ])
 def test_errors_name_the_argument_and_range(tiny, ids, kwargs, message):
     args = {"input_ids": ids, "score_fn": reader_score_fn(make_direction(direction())), "layer": 1, **kwargs}

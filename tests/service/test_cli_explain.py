@@ -90,6 +90,8 @@ def test_sae_feature_and_probe_logit(capsys, tiny, tiny_dir, files):
     a = attribute(tiny.model, tiny.layers, ids, sae_feature_score_fn(load_sae(files / "sae"), 3), 1)
     assert out["monitor"] == "sae#3" and out["layer"] == 1 and len(out["top"]) <= 3
     assert out["score"] == pytest.approx(a.score, rel=1e-5)
+    at0 = run_json(capsys, [PROMPT, "--model", str(tiny_dir), "--sae-monitor", f"{files / 'sae'}:3@0", "--target", "-1"])
+    assert at0["layer"] == 0 and at0["target"] == len(ids) - 1
     prob = run_json(capsys, [PROMPT, "--model", str(tiny_dir), "--probe", f"{files / 'p.safetensors'}", "--target", "5"])
     logit = run_json(capsys, [PROMPT, "--model", str(tiny_dir), "--probe", f"{files / 'p.safetensors'}", "--target", "5",
                               "--logit"])
