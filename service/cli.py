@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from service.cli_explain import add_explain_parser, run_explain
 from service.cli_extract import EXTRACT_COMMANDS, add_extract_parsers, run_extract
 from service.cli_pack import PACK_COMMANDS, add_pack_parsers, run_pack
 from service.cli_service import SERVICE_COMMANDS, add_service_parsers
@@ -19,8 +20,8 @@ from steering.errors import SteerwatchError
 if TYPE_CHECKING:
     pass
 
-SUBCOMMANDS = ("prepare", "generate", "inspect", "vector", "bench", "extract", "train", "sae", "pack", "serve",
-               "keys", "chat", "demo")
+SUBCOMMANDS = ("prepare", "generate", "inspect", "explain", "vector", "bench", "extract", "train", "sae", "pack",
+               "serve", "keys", "chat", "demo")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=16)
     b.add_argument("--repeats", type=int, default=1)
     b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    add_explain_parser(sub)
     add_extract_parsers(sub)
     add_pack_parsers(sub)
     add_train_parsers(sub)
@@ -118,6 +120,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.vector_command in VECTOR_IO_COMMANDS:
             return run_vector_io(args, Console(highlight=False))
         return _vector_diff(args)
+    if args.command == "explain":
+        return run_explain(args, Console(highlight=False))
     if args.command in PACK_COMMANDS:
         return run_pack(args, Console(highlight=False))
     if args.command in EXTRACT_COMMANDS:

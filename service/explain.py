@@ -2,8 +2,8 @@
 
 For a monitor with ``explain: true`` that fired, the sequence up to the position whose reading fired
 it (the prompt, plus the generated tokens before the firing one) is run again on the engine thread,
-between decode steps, with gradient × input attribution of the monitor's score at that position
-(``monitors.attribution``). The recomputation sees the model without this request's edits, so when
+between decode steps, with gradient × input attribution of the monitor's score at that position (occlusion for SAE
+features; ``monitors.attribution``). The recomputation sees the model without this request's edits, so when
 steering acted at earlier layers the explained score can differ from the streamed one; both are
 reported (the alert's ``value``, the explanation's ``score``).
 """
@@ -70,12 +70,15 @@ def _attribute(engine: Any, tenant: str, rule: MonitorRule, ids: list[int]) -> d
     compiled = compile_spec(InterventionSpec(reads=[read_of(rule, tenant)]), engine.registry, engine.shape)
     r = compiled.reads[0]
     if r.reader is not None:
-        score_fn = reader_score_fn(r.reader)
+        score_fn, method = reader_score_fn(r.reader), "grad_x_input"
     else:
+        # SAE weights loaded under inference mode cannot enter autograd (TopK's encode needs them all):
+        # occlusion needs forwards only
         assert r.feature is not None  # compile_spec requires a feature for SAE readings
-        score_fn = sae_feature_score_fn(r.sae, r.feature)
+        score_fn, method = sae_feature_score_fn(r.sae, r.feature), "occlusion"
     lm = engine.lm
-    return explain_top(lm.model, lm.layers, ids, score_fn, r.layer, target=len(ids) - 1, top=TOP_TOKENS)
+    return explain_top(lm.model, lm.layers, ids, score_fn, r.layer, method=method, target=len(ids) - 1,
+                       top=TOP_TOKENS)
 
 
 def _fill(msg: Any, result: dict[str, Any], tokenizer: Any) -> None:
