@@ -83,6 +83,9 @@ class GateGroup:
         self.fired_at = torch.stack([m.series.fired_at for m in members])
         self.fired_on_prompt = torch.stack([m.series.fired_on_prompt for m in members])
         self._ages = torch.arange(self.width - 1, -1, -1, device=device)  # age of each ring column
+        # host-side facts that let a step skip work no member needs
+        self.needs_window = any(s.aggregation in ("mean", "count") for s in specs)
+        self.any_prompt = any(s.watches("prompt") for s in specs)
 
     def update(self, reads: torch.Tensor, rows: torch.Tensor, grid: tuple[int, int], fired: torch.Tensor,
                prompt_ends: bool = False) -> None:
@@ -97,8 +100,9 @@ class GateGroup:
         token_rows = rows.reshape(n_slots, width)[self.slot]  # [K, width]
         is_prompt = (token_rows % 2) == 1  # slot s: prompt row 2s+1, generation row 2s+2, padding 0
         watched = torch.where(is_prompt, self.on_prompt[:, None], self.on_generation[:, None]) & (token_rows > 0)
-        for k in range(width):
-            self._push(scores[:, k], watched[:, k], is_prompt[:, k])
+        if width == 1 or self.any_prompt:  # a wider step is a prefill: its tokens are prompt tokens
+            for k in range(width):
+                self._push(scores[:, k], watched[:, k], is_prompt[:, k])
         if prompt_ends:
             last_prompt = is_prompt[:, -1]
             self._restart(last_prompt)
@@ -117,10 +121,12 @@ class GateGroup:
         self.n = self.n + present.long()
         ema = torch.where(first, s, self.alpha * s + (1.0 - self.alpha) * self.ema)
         self.ema = torch.where(present, ema, self.ema)
-        in_window = self._ages[None, :] < torch.minimum(self.window, self.n)[:, None]  # [K, width]
-        seen = in_window.sum(1).clamp_min(1)
-        mean = (self.ring * in_window).sum(1) / seen
-        above = ((self.ring > self.threshold[:, None]) & in_window).sum(1).float()
+        if self.needs_window:
+            in_window = self._ages[None, :] < torch.minimum(self.window, self.n)[:, None]  # [K, width]
+            mean = (self.ring * in_window).sum(1) / in_window.sum(1).clamp_min(1)
+            above = ((self.ring > self.threshold[:, None]) & in_window).sum(1).float()
+        else:
+            mean = above = torch.zeros_like(s)
         value = torch.stack([s, mean, self.ema, above], 1).gather(1, self.kind[:, None])[:, 0]
         trigger = torch.where(self.kind == KIND["count"], value >= self.count, value > self.threshold)
         newly = present & trigger & ~self.fired

@@ -13,7 +13,7 @@ import torch
 from monitors.probes import make_probe
 from monitors.sae import load_sae, save_sae
 from steering.registry import Registry
-from steering.spec import AblateEdit, AddEdit, ClampEdit, Edit, InterventionSpec, ReadSpec
+from steering.spec import AblateEdit, AddEdit, ClampEdit, Edit, GateSpec, InterventionSpec, ReadSpec
 from steering.vectors import make_vector
 
 PROMPT = ("The printing press changed how ideas spread across Europe. Within fifty years of its invention, "
@@ -126,6 +126,14 @@ def caa_spec(src: Sources, coef: float = 4.0, layers: list[int] | None = None, v
     return InterventionSpec(edits=[_add(src, vector, coef, layers or [src.layer])])
 
 
+def conditional_spec(src: Sources, coef: float = 4.0, threshold: float = 0.5) -> InterventionSpec:
+    """CAA at the bench layer switched on by an EMA rule over the probe (conditional steering)."""
+    read = ReadSpec(name="probe", kind="probe", source=src.probe, layer=src.layer)
+    gate = GateSpec(name="g", reading="probe", threshold=threshold, aggregation="ema", alpha=0.3, scope="both")
+    edit = _add(src, 0, coef, [src.layer]).model_copy(update={"when": "g", "phase": "generation"})
+    return InterventionSpec(edits=[edit], reads=[read], gates=[gate])
+
+
 def caa_ablate_all_spec(src: Sources, coef: float = 4.0) -> InterventionSpec:
     """CAA and directional ablation, both on every layer."""
     every = list(range(src.n_layers))
@@ -139,12 +147,19 @@ def _add(src: Sources, vector: int, coef: float, layers: list[int]) -> AddEdit:
 
 def mixed_specs(src: Sources, n: int) -> list[InterventionSpec]:
     """``n`` different configurations: plain, CAA (various vectors/coefs/layers), ablation, probe and
-    SAE monitoring, an SAE clamp, and combinations. Beyond 16 the mix repeats with other coefficients."""
+    SAE monitoring, an SAE clamp, conditional CAA, and combinations. Beyond 16 the mix repeats with other coefficients."""
     specs = []
     for i in range(n):
-        edits, reads = _mixed(src, i % 16, 1.0 + 0.25 * (i // 16))
+        scale = 1.0 + 0.25 * (i // 16)
+        if i % 16 == CONDITIONAL_ROW:
+            specs.append(conditional_spec(src, 4.0 * scale))
+            continue
+        edits, reads = _mixed(src, i % 16, scale)
         specs.append(InterventionSpec(edits=edits, reads=reads))
     return specs
+
+
+CONDITIONAL_ROW = 11  # the mixed batch's conditional-steering configuration
 
 
 def _mixed(src: Sources, k: int, scale: float) -> tuple[list[Edit], list[ReadSpec]]:
@@ -166,7 +181,7 @@ def _mixed(src: Sources, k: int, scale: float) -> tuple[list[Edit], list[ReadSpe
         ([], probe + sae_reads),                                                # the monitoring row
         ([_add(src, 0, 4.0 * scale, list(range(src.n_layers))), ablate_all], []),  # CAA + ablation
         ([_add(src, 1, 3.0 * scale, [L])], probe_after),                        # steer and watch it
-        ([], []),                                                               # plain
+        ([], []),                                                               # conditional (mixed_specs)
         ([ClampEdit(sae=src.sae, feature=src.features[0], value=5.0 * scale)], probe),  # SAE clamp
         ([_add(src, 2, 2.0 * scale, [L + 4])],
          [ReadSpec(name="dir", kind="direction", source=src.direction, layer=(L + 4) % (last + 1),
@@ -186,6 +201,7 @@ def scenarios(src: Sources, batch: int, *, generate_reference: bool = True) -> l
         Scenario(f"monitoring: probe + {len(src.features)} SAE features @L{src.layer}", (monitor_spec(src),)),
         Scenario(f"CAA @L{src.layer}", (caa_spec(src),)),
         Scenario(f"CAA + ablation, all {src.n_layers} layers", (caa_ablate_all_spec(src),)),
+        Scenario(f"conditional CAA @L{src.layer} (EMA rule on a probe)", (conditional_spec(src),)),
     ]
     if generate_reference:
         rows.append(Scenario(GENERATE, (empty,), hooks=False, engine=False))

@@ -34,8 +34,9 @@ def test_every_row_is_measured(result):
     res, _ = result
     names = [r.name for r in res.rows]
     assert names[0] == PLAIN and GENERATE in names
-    assert [r.batch for r in res.rows] == [1] * 6 + [4, 4]
+    assert [r.batch for r in res.rows] == [1] * 7 + [4, 4]
     assert any(n.startswith("monitoring") for n in names) and any("ablation" in n for n in names)
+    assert any(n.startswith("conditional CAA") for n in names)
     assert names[-1] == "4 different configurations"
     for row in res.rows:
         assert row.tokens_per_s > 0 and row.tpot_ms > 0 and row.ttft_ms > 0 and row.runs == 2
@@ -64,7 +65,8 @@ def test_mixed_batch_is_sixteen_valid_distinct_configurations(tmp_path):
     assert isinstance(src, Sources) and src.layer == 6
     specs = mixed_specs(src, 16)
     assert len({s.model_dump_json() for s in specs if not s.empty}) == len([s for s in specs if not s.empty])
-    assert sum(s.empty for s in specs) == 2  # some plain requests in the mix
+    assert sum(s.empty for s in specs) == 1  # a plain request in the mix
+    assert sum(bool(s.gates) for s in specs) == 1  # and a conditional one
     for s in specs:
         compile_spec(s, reg, ModelShape(18, 32))
 
