@@ -100,7 +100,7 @@ class GateGroup:
         token_rows = rows.reshape(n_slots, width)[self.slot]  # [K, width]
         is_prompt = (token_rows % 2) == 1  # slot s: prompt row 2s+1, generation row 2s+2, padding 0
         watched = torch.where(is_prompt, self.on_prompt[:, None], self.on_generation[:, None]) & (token_rows > 0)
-        if width == 1 or self.any_prompt:  # a wider step is a prefill: its tokens are prompt tokens
+        if self.any_prompt or not prompt_ends:  # a whole-prompt prefill holds prompt tokens only
             for k in range(width):
                 self._push(scores[:, k], watched[:, k], is_prompt[:, k])
         if prompt_ends:
