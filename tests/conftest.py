@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from service.models import LoadedModel, load_model, save_tiny_llama, tiny_llama
 
@@ -30,3 +31,13 @@ def default_model(request: pytest.FixtureRequest) -> LoadedModel:
     if request.node.get_closest_marker("slow") is None:
         pytest.fail(f"{request.node.nodeid} uses default_model and must be marked @pytest.mark.slow")
     return request.getfixturevalue("_default_model_session")
+
+
+@pytest.fixture
+def single_thread():
+    """torch on one thread for the test: on tiny tensors thread spin-up costs more than it saves, badly
+    so on a loaded 2-core machine (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,14 +12,7 @@ from monitors.train.activations import TokenActivations, iter_activations
 from monitors.train.top_examples import LEFT, RIGHT, TopTracker, render, strongest, track
 from service.models import encode_prompt
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: thread spin-up costs more than it saves, badly so on a loaded 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def brute_top(f: torch.Tensor, text_index: torch.Tensor, top: int) -> list[list[tuple[float, int]]]:

@@ -20,13 +20,7 @@ TEXTS = ["Hello world", "a", "The quick brown fox jumps over the lazy dog", "xy 
 PAD = 258
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: thread spin-up costs more than it saves, badly so on a loaded 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _enc(tiny):

@@ -27,14 +27,7 @@ from monitors.train.probe import (
 from service.models import encode_prompt
 from steering.errors import InvalidArgument
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: thread spin-up costs more than it saves, badly so on a loaded 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def synthetic(n_texts: int = 200, d: int = 24, shift: float = 0.8, seed: int = 0) -> tuple[TokenActivations, torch.Tensor]:

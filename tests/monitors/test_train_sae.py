@@ -22,13 +22,7 @@ from steering.errors import FailedPrecondition
 D_IN, N_DIRS = 32, 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: thread spin-up costs more than it saves, badly so on a loaded 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def planted(n: int, seed: int) -> torch.Tensor:

@@ -16,14 +16,7 @@ from monitors.sae import load_sae
 from service.cli_train import add_train_parsers, run_train
 from steering.errors import InvalidArgument
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: thread spin-up costs more than it saves, badly so on a loaded 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def parser() -> argparse.ArgumentParser:
