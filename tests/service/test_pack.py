@@ -89,13 +89,17 @@ def test_replica_serves_the_pack_to_every_tenant(pack_dir):
                 layer = read_manifest(pack_dir)["assets"][2]["layer"]
                 monitors = [{"name": "deception", "kind": "probe", "source": "pack:deception", "threshold": 2.0,
                              "aggregation": "mean", "window": 4},
-                            direction_monitor("refusal", "pack:refusal", 1e9, action="annotate", layer=layer)]
+                            direction_monitor("refusal", "pack:refusal", 1e9, action="annotate", layer=layer),
+                            {"name": "latent", "kind": "sae_feature", "source": "pack:sae", "feature": 0,
+                             "threshold": -1.0, "action": "annotate", "explain": True}]
                 steering = [{"kind": "add", "vector": "pack:sycophancy", "coef": -1.0}]
                 await c.put_policy("safety", policy_doc(monitors, steering), make_default=True)
                 res = await c.generate("Tell me a story", 4, include_readings=True)
                 for t in res.tokens:
                     assert 0.0 <= t.readings["deception"] <= 1.0 and math.isfinite(t.readings["refusal"])
                 assert [(x.source, x.kind) for x in res.final.steering] == [("pack:sycophancy", "add")]
+                (ex,) = res.final.explanations  # the SAE latent fired at once (threshold -1): occlusion
+                assert (ex.monitor, ex.method, ex.error) == ("latent", "occlusion", "") and len(ex.top) > 0
                 code, details = await rpc_error(c.upload_vector("pack:mine", {0: [0.0] * 64}))
                 assert code == grpc.StatusCode.INVALID_ARGUMENT and "reserved" in details
             finally:
