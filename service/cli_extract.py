@@ -12,7 +12,17 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from service.cli_train import _bar, _data_args, _emit, _encoder, _layers, _load, _model_args, _pad_id, _read
+from service.cli_common import (
+    add_data_args,
+    add_model_args,
+    checked_layers,
+    emit_json,
+    encoder,
+    load_lm,
+    pad_id,
+    progress_bar,
+    read_items,
+)
 
 EXTRACT_COMMANDS = ("extract",)
 
@@ -22,8 +32,8 @@ def add_extract_parsers(sub: Any) -> None:
     esub = e.add_subparsers(dest="extract_command", required=True)
 
     c = esub.add_parser("caa", help="CAA vector from A/B pairs (Rimsky et al.), with a held-out layer sweep")
-    _model_args(c)
-    _data_args(c)
+    add_model_args(c)
+    add_data_args(c)
     c.add_argument("--data", default=None, help="JSONL of A/B questions (Rimsky format) or pairs; default: the "
                    "packaged sycophancy_ab dataset")
     c.add_argument("--format", choices=["ab", "pairs"], default="ab",
@@ -37,8 +47,8 @@ def add_extract_parsers(sub: Any) -> None:
 
     r = esub.add_parser("refusal", help="refusal direction (Arditi et al.): difference of means, chosen by "
                         "ablation and KL")
-    _model_args(r)
-    _data_args(r)
+    add_model_args(r)
+    add_data_args(r)
     r.add_argument("--data", default=None, help="JSONL of instructions labelled harmful/harmless; default: the "
                    "packaged instructions dataset")
     r.add_argument("--template", default=None, help="prompt template with {instruction} (default: a plain "
@@ -65,10 +75,10 @@ def _pairs(args: argparse.Namespace, console: Console) -> tuple[list[str], list[
 
     path = args.data or str(packaged("sycophancy_ab"))
     if args.format == "ab":
-        items, skipped = _read(path, ABQuestion, args.on_error, console, args.json)
+        items, skipped = read_items(path, ABQuestion, args.on_error, console, args.json)
         texts = [ab_texts(q.question, q.answer_matching_behavior, q.answer_not_matching_behavior) for q in items]
     else:
-        pairs, skipped = _read(path, ContrastivePair, args.on_error, console, args.json)
+        pairs, skipped = read_items(path, ContrastivePair, args.on_error, console, args.json)
         texts = [(p.prompt + p.positive, p.prompt + p.negative) for p in pairs]
     if len(texts) < 2:
         raise invalid("--data", f"{path} has {len(texts)} usable pairs; need at least 2")
@@ -81,13 +91,13 @@ def _caa(args: argparse.Namespace, console: Console) -> int:
     from steering.vectors import save_vector
 
     positive, negative, path, skipped = _pairs(args, console)
-    lm = _load(args)
-    which = _layers(args, lm.n_layers)
-    encode = _encoder(lm)
+    lm = load_lm(args)
+    which = checked_layers(args, lm.n_layers)
+    encode = encoder(lm)
     texts = positive + negative
-    with _bar(console, args.json) as bar:
+    with progress_bar(console, args.json) as bar:
         task = bar.add_task("activations at the answer letter", total=len(texts))
-        acts = collect_activations(lm.model, lm.layers, encode, texts, which, pad_id=_pad_id(lm),
+        acts = collect_activations(lm.model, lm.layers, encode, texts, which, pad_id=pad_id(lm),
                                    starts=last_token_starts(encode, texts), batch_size=args.text_batch,
                                    progress=lambda done, total: bar.update(task, completed=done))
     n = len(positive)
@@ -98,8 +108,8 @@ def _caa(args: argparse.Namespace, console: Console) -> int:
     sweep = [{"layer": s.layer, "pair_accuracy": s.pair_accuracy, "effect_size": s.effect_size, "norm": s.norm}
              for s in result.sweep]
     if args.json:
-        _emit({"output": args.output, "pairs": n, "heldout": result.n_heldout, "best_layer": result.best.layer,
-               "sweep": sweep, "skipped": skipped})
+        emit_json({"output": args.output, "pairs": n, "heldout": result.n_heldout, "best_layer": result.best.layer,
+                   "sweep": sweep, "skipped": skipped})
         return 0
     table = Table(title=f"CAA separation on {result.n_heldout} held-out pairs of {n} ({path})")
     for col in ("layer", "pair accuracy", "effect size", "|v|"):
@@ -118,7 +128,7 @@ def _instructions(args: argparse.Namespace, console: Console) -> tuple[list[str]
     from steering.errors import invalid
 
     path = args.data or str(packaged("instructions"))
-    items, skipped = _read(path, Instruction, args.on_error, console, args.json)
+    items, skipped = read_items(path, Instruction, args.on_error, console, args.json)
     harmful = [i.instruction for i in items if i.label == "harmful"]
     harmless = [i.instruction for i in items if i.label == "harmless"]
     for name, group in (("harmful", harmful), ("harmless", harmless)):
@@ -149,16 +159,16 @@ def _refusal(args: argparse.Namespace, console: Console) -> int:
         from steering.errors import invalid
 
         raise invalid("--template", "must contain {instruction}")
-    lm = _load(args)
-    which = _layers(args, lm.n_layers)
-    encode = _encoder(lm)
+    lm = load_lm(args)
+    which = checked_layers(args, lm.n_layers)
+    encode = encoder(lm)
     fmt = [template.format(instruction=x) for x in harmful], [template.format(instruction=x) for x in harmless]
     h_train, h_val = _split(fmt[0], args.train, args.val)
     s_train, s_val = _split(fmt[1], args.train, args.val)
     refusal_ids = refusal_token_ids(lambda t: lm.tokenizer.encode(t, add_special_tokens=False),
                                     args.refusal_prefix or REFUSAL_PREFIXES)
-    runner = Runner(lm.model, lm.layers, encode, _pad_id(lm), batch_size=args.text_batch)
-    with _bar(console, args.json) as bar:
+    runner = Runner(lm.model, lm.layers, encode, pad_id(lm), batch_size=args.text_batch)
+    with progress_bar(console, args.json) as bar:
         task = bar.add_task("scoring (layer, position) candidates", total=None)
         result = find_refusal_direction(runner, h_train, s_train, h_val, s_val, refusal_ids, layers=which,
                                         n_positions=args.positions, max_kl=args.max_kl, model=lm.name, source=path,
@@ -172,9 +182,9 @@ def _refusal_report(args: argparse.Namespace, console: Console, result: Any, pat
     chosen = {"layer": c.layer, "position": c.position, "ablated_refusal": c.ablated_refusal, "kl": c.kl,
               "induced_refusal": c.induced_refusal, "norm": c.norm, "selection": result.selection}
     if args.json:
-        _emit({"output": args.output, "chosen": chosen, "baseline_harmful": result.baseline_harmful,
-               "baseline_harmless": result.baseline_harmless, "skipped": skipped,
-               "candidates": [vars(x) for x in result.candidates]})
+        emit_json({"output": args.output, "chosen": chosen, "baseline_harmful": result.baseline_harmful,
+                   "baseline_harmless": result.baseline_harmless, "skipped": skipped,
+                   "candidates": [vars(x) for x in result.candidates]})
         return 0
     table = Table(title=f"refusal-direction candidates ({path}); refusal score = log-odds of a refusal start")
     for col in ("layer", "pos", "ablated harmful", "KL harmless", "added harmless", "|r|"):

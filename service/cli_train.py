@@ -1,54 +1,41 @@
-"""``steerwatch train probe|sae`` and ``steerwatch sae top-examples`` (logic: monitors/train/).
+"""``steerwatch train probe|sae`` (logic: monitors/train/); also registers ``steerwatch sae``, whose
+commands live in service/cli_sae.py.
 
 Each command loads the model, shows a progress bar while it collects activations or trains, prints a
 quality table and writes its output. ``--json`` prints one JSON object instead (no bar, no table).
 Recipes, report numbers and costs: docs/training.md. Heavy imports (torch, transformers) happen
-inside the handlers so that building the parser stays cheap.
+inside the handlers so that building the parser stays cheap. Helpers shared with the other commands:
+service/cli_common.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-from rich.text import Text
 
+from service.cli_common import (
+    add_data_args,
+    add_model_args,
+    checked_layers,
+    emit_json,
+    encoder,
+    load_lm,
+    pad_id,
+    progress_bar,
+    read_corpus,
+    read_items,
+)
+from service.cli_sae import add_sae_parsers, run_sae
 from steering.errors import invalid
 
 if TYPE_CHECKING:
     from monitors.train.probe import Evaluation, Sweep
-    from service.models import LoadedModel
 
 TRAIN_COMMANDS = ("train", "sae")
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="'default' (Gemma 3 270M, embedded) or a local HF checkpoint dir")
-    p.add_argument("--quantize", choices=["4bit", "8bit"], default=None, help="load through bitsandbytes")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--on-error", choices=["reject", "skip"], default="reject",
-                   help="malformed JSONL lines: stop with the line number (reject) or skip and report them")
-    p.add_argument("--text-batch", type=int, default=8, help="texts per forward pass while collecting activations")
-    p.add_argument("--max-length", type=int, default=256, help="tokens kept per text (longer texts are truncated)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the progress bar and tables")
 
 
 def add_train_parsers(sub: Any) -> None:
@@ -57,7 +44,7 @@ def add_train_parsers(sub: Any) -> None:
     tsub = t.add_subparsers(dest="train_command", required=True)
 
     p = tsub.add_parser("probe", help="logistic-regression probe on token activations (Apollo recipe)")
-    _model_args(p)
+    add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="JSONL of {\"text\": ..., \"label\": true|false}; true = the class to flag")
     src.add_argument("--instructed-pairs", nargs="?", const="", metavar="FACTS.jsonl",
@@ -72,10 +59,10 @@ def add_train_parsers(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="probe name (default: the output file's stem)")
     p.add_argument("-o", "--output", required=True, help="probe file (.safetensors)")
-    _data_args(p)
+    add_data_args(p)
 
     s = tsub.add_parser("sae", help="sparse autoencoder (TopK or ReLU) on one layer's residual stream")
-    _model_args(s)
+    add_model_args(s)
     s.add_argument("--layer", type=int, required=True)
     s.add_argument("--corpus", default=None, help="JSONL of {\"text\": ...} (default: the packaged neutral_corpus)")
     s.add_argument("--arch", choices=["topk", "relu"], default="topk")
@@ -99,22 +86,9 @@ def add_train_parsers(sub: Any) -> None:
                         "--cache-gb)")
     s.add_argument("--cache-gb", type=float, default=4.0, help="memory limit for cached activations")
     s.add_argument("-o", "--output", required=True, help="SAELens-format output directory")
-    _data_args(s)
+    add_data_args(s)
 
-    a = sub.add_parser("sae", help="inspect sparse autoencoders")
-    asub = a.add_subparsers(dest="sae_command", required=True)
-    x = asub.add_parser("top-examples", help="top-activating corpus contexts per SAE feature")
-    x.add_argument("sae_dir")
-    _model_args(x)
-    x.add_argument("--corpus", default=None, help="JSONL of {\"text\": ...} (default: the packaged neutral_corpus)")
-    feats = x.add_mutually_exclusive_group(required=True)
-    feats.add_argument("--features", help="comma-separated feature indices")
-    feats.add_argument("--all-top", type=int, metavar="M", help="the M features with the largest activations")
-    x.add_argument("--layer", type=int, default=None, help="layer to read (default: the SAE's hook layer)")
-    x.add_argument("--top", type=int, default=5, help="contexts per feature")
-    x.add_argument("--window", type=int, default=8, help="tokens shown either side")
-    x.add_argument("-o", "--output", default=None, help="also write the JSON here")
-    _data_args(x)
+    add_sae_parsers(sub)
 
 
 def run_train(args: argparse.Namespace, console: Console) -> int:
@@ -123,70 +97,9 @@ def run_train(args: argparse.Namespace, console: Console) -> int:
         return _train_probe(args, console)
     if args.command == "train" and args.train_command == "sae":
         return _train_sae(args, console)
-    if args.command == "sae" and args.sae_command == "top-examples":
-        return _top_examples(args, console)
+    if args.command == "sae":
+        return run_sae(args, console)
     raise invalid("command", f"{args.command!r} is not a training command")
-
-
-# ---- shared -------------------------------------------------------------------------------------
-def _load(args: argparse.Namespace) -> LoadedModel:
-    from service.models import load_model
-
-    return load_model(args.model, quantize=args.quantize, dtype=args.dtype, device=args.device,
-                      progress=not args.json)
-
-
-def _encoder(lm: LoadedModel) -> Callable[[str], list[int]]:
-    from service.models import encode_prompt
-
-    return lambda text: encode_prompt(lm.tokenizer, text)
-
-
-def _pad_id(lm: LoadedModel) -> int:
-    tok: Any = lm.tokenizer
-    for value in (tok.pad_token_id, tok.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
-
-
-@contextmanager
-def _bar(console: Console, quiet: bool) -> Iterator[Progress]:
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), console=console, disable=quiet, transient=False)
-    with progress:
-        yield progress
-
-
-def _read(path: str | Path, model: type, on_error: str, console: Console, quiet: bool) -> tuple[list, list]:
-    from monitors.datasets import read_jsonl
-
-    loaded: Any = read_jsonl(path, model, on_error=on_error)  # type: ignore[arg-type]
-    if loaded.skipped and not quiet:
-        console.print(f"[yellow]skipped {len(loaded.skipped)} malformed line(s) of {path}:[/]")
-        for line, reason in loaded.skipped[:20]:
-            console.print(f"  [yellow]{path}:{line}[/] {reason}")
-    return loaded.items, [{"line": line, "reason": reason} for line, reason in loaded.skipped]
-
-
-def _layers(args: argparse.Namespace, n_layers: int) -> list[int]:
-    from service.cli_args import parse_layers
-    from steering.tensors import require_index
-
-    if args.layer is not None:
-        which: list[int] = [args.layer]
-        field = "--layer"
-    else:
-        parsed = parse_layers(args.layers, n_layers, "--layers")
-        which = list(range(n_layers)) if isinstance(parsed, str) else sorted(set(parsed))
-        field = "--layers"
-    for layer in which:
-        require_index(layer, n_layers, field)
-    return which
-
-
-def _emit(payload: dict[str, Any]) -> None:
-    print(json.dumps(payload))
 
 
 # ---- train probe --------------------------------------------------------------------------------
@@ -197,21 +110,21 @@ def _train_probe(args: argparse.Namespace, console: Console) -> int:
 
     if args.data is not None:
         path = Path(args.data)
-        items, skipped = _read(path, LabelledText, args.on_error, console, args.json)
+        items, skipped = read_items(path, LabelledText, args.on_error, console, args.json)
         for value, what in ((False, "negative examples (label false)"), (True, "positive examples (label true)")):
             if not any(it.label == value for it in items):
                 raise invalid(str(path), f"has no {what}; a probe needs both classes")
         recipe = "labelled texts"
     else:
         path = Path(args.instructed_pairs) if args.instructed_pairs else packaged("instructed_facts")
-        items, skipped = _read(path, Fact, args.on_error, console, args.json)
+        items, skipped = read_items(path, Fact, args.on_error, console, args.json)
         recipe = "instructed pairs"
-    lm = _load(args)
-    which = _layers(args, lm.n_layers)
-    collector = Collector(lm.model, lm.layers, _encoder(lm), _pad_id(lm), args.text_batch, args.max_length)
+    lm = load_lm(args)
+    which = checked_layers(args, lm.n_layers)
+    collector = Collector(lm.model, lm.layers, encoder(lm), pad_id(lm), args.text_batch, args.max_length)
     opts = dict(c=args.c, fpr=args.fpr, holdout=args.holdout, seed=args.seed, fit_intercept=args.fit_intercept,
                 name=args.name or Path(args.output).stem)
-    with _bar(console, args.json) as bar:
+    with progress_bar(console, args.json) as bar:
         task = bar.add_task("collecting activations", total=None)
 
         def tick(done: int, total: int) -> None:
@@ -226,7 +139,7 @@ def _train_probe(args: argparse.Namespace, console: Console) -> int:
     save_probe(sweep.best.reader, args.output, model=lm.name)
     payload = _probe_payload(sweep, args, lm.name, recipe, str(path), skipped)
     if args.json:
-        _emit(payload)
+        emit_json(payload)
     else:
         console.print(_probe_table(sweep, args.fpr, recipe))
         console.print(f"saved layer {sweep.best.layer} probe to [bold]{args.output}[/] (threshold "
@@ -273,14 +186,6 @@ def _probe_table(sweep: Sweep, fpr: float, recipe: str) -> Table:
 
 
 # ---- train sae ----------------------------------------------------------------------------------
-def _corpus(args: argparse.Namespace, console: Console) -> tuple[list, list, str]:
-    from monitors.datasets import CorpusText, packaged
-
-    path = Path(args.corpus) if args.corpus else packaged("neutral_corpus")
-    items, skipped = _read(path, CorpusText, args.on_error, console, args.json)
-    return items, skipped, str(path)
-
-
 def _train_sae(args: argparse.Namespace, console: Console) -> int:
     import torch
 
@@ -291,16 +196,16 @@ def _train_sae(args: argparse.Namespace, console: Console) -> int:
         raise invalid("--resume", "needs --checkpoint-dir (where the checkpoint was written)")
     if not 0 < args.heldout < 1:
         raise invalid("--heldout", f"{args.heldout} is out of range; allowed 0 < heldout < 1")
-    items, skipped, corpus = _corpus(args, console)
+    items, skipped, corpus = read_corpus(args, console)
     if len(items) < 2:
         raise invalid(corpus, f"has {len(items)} text(s); SAE training needs at least 2 (training and held-out)")
-    lm = _load(args)
-    _layers(args, lm.n_layers)
+    lm = load_lm(args)
+    checked_layers(args, lm.n_layers)
     perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_held = min(len(items) - 1, max(1, round(args.heldout * len(items))))
     held_texts = [items[i].text for i in perm[:n_held]]
     train_texts = [items[i].text for i in perm[n_held:]]
-    encode, pad = _encoder(lm), _pad_id(lm)
+    encode, pad = encoder(lm), pad_id(lm)
     dead = args.dead_tokens or min(1_000_000, max(args.batch_size, args.tokens // 10))
     cfg = SAETrainConfig(d_in=lm.d_model, d_sae=args.d_sae or 8 * lm.d_model, arch=args.arch, k=args.k,
                          l1=args.l1, lr=args.lr, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
@@ -310,7 +215,7 @@ def _train_sae(args: argparse.Namespace, console: Console) -> int:
     if not cache and not args.no_cache and not args.json:
         console.print(f"[yellow]{n_tokens} training tokens do not fit --cache-gb {args.cache_gb:g}; "
                       "running the model for every epoch[/]")
-    with _bar(console, args.json) as bar:
+    with progress_bar(console, args.json) as bar:
         task = bar.add_task("held-out activations", total=len(held_texts))
         held = collect_activations(lm.model, lm.layers, encode, held_texts, [args.layer], pad_id=pad,
                                    batch_size=args.text_batch, max_length=args.max_length,
@@ -345,7 +250,7 @@ def _train_sae(args: argparse.Namespace, console: Console) -> int:
                "dead_fraction": m.dead_fraction, "heldout_silent_fraction": m.heldout_silent_fraction,
                "skipped": skipped}
     if args.json:
-        _emit(payload)
+        emit_json(payload)
         return 0
     table = Table(title=f"SAE layer {args.layer}, {cfg.arch}, d_sae {cfg.d_sae}; held-out {m.n_tokens} tokens")
     table.add_column("metric")
@@ -361,63 +266,4 @@ def _train_sae(args: argparse.Namespace, console: Console) -> int:
     if result.tokens < cfg.total_tokens and result.steps < cfg.total_steps:
         console.print(f"[yellow]the stream ended after {result.tokens} of {cfg.total_tokens} tokens[/]")
     console.print(f"saved SAELens directory [bold]{args.output}[/]")
-    return 0
-
-
-# ---- sae top-examples ---------------------------------------------------------------------------
-def _top_examples(args: argparse.Namespace, console: Console) -> int:
-    from monitors.sae import load_sae
-    from monitors.train.activations import iter_activations
-    from monitors.train.top_examples import render, strongest, track
-
-    sae = load_sae(args.sae_dir)
-    features: list[int] | None = None
-    if args.features is not None:
-        try:
-            features = [int(f) for f in args.features.split(",") if f.strip()]
-        except ValueError as exc:
-            raise invalid("--features", f"{args.features!r} is not a comma-separated list of integers") from exc
-    elif args.all_top < 1:
-        raise invalid("--all-top", f"must be >= 1, got {args.all_top}")
-    items, skipped, corpus = _corpus(args, console)
-    lm = _load(args)
-    layer = args.layer if args.layer is not None else sae.hook_layer
-    if layer is None:
-        raise invalid("--layer", f"required: {args.sae_dir} does not say which layer it reads")
-    _layers(argparse.Namespace(layer=layer, layers=None), lm.n_layers)
-    if sae.d_in != lm.d_model:
-        raise invalid("sae_dir", f"d_in {sae.d_in} does not match the model's d_model {lm.d_model}")
-    sae.to(lm.device)
-    texts = [it.text for it in items]
-    encode = _encoder(lm)
-    with _bar(console, args.json) as bar:
-        task = bar.add_task("encoding corpus", total=len(texts))
-        batches = iter_activations(lm.model, lm.layers, encode, texts, [layer], pad_id=_pad_id(lm),
-                                   batch_size=args.text_batch, max_length=args.max_length,
-                                   progress=lambda done, total: bar.update(task, completed=done))
-        feats, tracker = track(sae, batches, layer, features=features, top=args.top, field="--features")
-    columns = list(range(len(feats))) if features is not None else strongest(tracker, args.all_top)
-    chosen = [feats[c] for c in columns]
-    tok: Any = lm.tokenizer
-    out = render(chosen, tracker, texts, encode, lambda ids: tok.decode(ids, skip_special_tokens=True),
-                 window=args.window, text_ids=[it.id if it.id is not None else i for i, it in enumerate(items)],
-                 feature_max=sae.feature_max.cpu() if sae.feature_max is not None else None, columns=columns)
-    payload = {"sae": args.sae_dir, "model": lm.name, "layer": layer, "corpus": corpus, "top": args.top,
-               "features": [fe.to_json() for fe in out], "skipped": skipped}
-    if args.output:
-        Path(args.output).write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    if args.json:
-        _emit(payload)
-        return 0
-    for fe in out:
-        fmax = f", recorded max {fe.max_activation:.3g}" if fe.max_activation is not None else ""
-        table = Table(title=f"feature {fe.feature}{fmax}", show_lines=False)
-        table.add_column("act", justify="right")
-        table.add_column("text")
-        table.add_column("context")
-        for ex in fe.examples:
-            table.add_row(f"{ex.activation:.3g}", str(ex.text_id), Text(ex.snippet.replace("\n", "⏎")))
-        if not fe.examples:
-            table.add_row("", "", "[dim]never fired on this corpus[/]")
-        console.print(table)
     return 0

@@ -60,13 +60,13 @@ class PackConfig:
 def build_pack(lm: Any, out: Path, cfg: PackConfig, stage: Stage) -> dict[str, Any]:
     """Write the pack into ``out`` (created) and return its manifest."""
     from monitors.train.probe import Collector
-    from service.cli_train import _encoder, _pad_id
+    from service.cli_common import encoder, pad_id
     from steering.refusal import Runner
 
     out.mkdir(parents=True, exist_ok=True)
-    encode = _encoder(lm)
-    collector = Collector(lm.model, lm.layers, encode, _pad_id(lm), batch_size=cfg.batch_size, max_length=None)
-    runner = Runner(lm.model, lm.layers, encode, _pad_id(lm), batch_size=cfg.batch_size)
+    encode = encoder(lm)
+    collector = Collector(lm.model, lm.layers, encode, pad_id(lm), batch_size=cfg.batch_size, max_length=None)
+    runner = Runner(lm.model, lm.layers, encode, pad_id(lm), batch_size=cfg.batch_size)
     neutral = _neutral(cfg)
     started = time.time()
     assets, report = [], {}
