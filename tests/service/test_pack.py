@@ -138,3 +138,28 @@ def test_default_pack_loads_and_reads_in_range(default_model):
         assert t.readings["sae"] >= 0.0  # a TopK latent is a ReLU of its pre-activation
     assert m["report"]["deception"]["layers"] and 0.5 <= max(
         x["heldout"]["auroc"] for x in m["report"]["deception"]["layers"]) <= 1.0
+
+
+@pytest.mark.slow
+def test_default_pack_deception_probe_switches_steering_on_a_dishonest_persona(default_model):
+    """Conditional steering end to end on the real model: an EMA rule on the pack's deception probe
+    (its calibrated threshold) latches on the dishonest instruction and not on the honest one."""
+    from service.engines.hf import HFEngine
+    from service.engines.types import GenerationRequest, PromptEvent, Sampling
+    from steering.spec import AddEdit, GateSpec, InterventionSpec, ReadSpec
+
+    root = default_pack_dir(default_model.name)
+    engine = HFEngine(default_model)
+    load_pack(root, engine.registry, model_name=default_model.name, d_model=default_model.d_model)
+    threshold = [a for a in read_manifest(root)["assets"] if a["name"] == "deception"][0]["threshold"]
+    spec = InterventionSpec(
+        reads=[ReadSpec(name="d", kind="probe", source="pack:deception")],
+        gates=[GateSpec(name="g", reading="d", threshold=threshold, aggregation="ema", alpha=0.3, scope="both")],
+        edits=[AddEdit(vector="pack:sycophancy", coef=-8.0, layers=[12], when="g", phase="generation")])
+    fired = {}
+    with engine:
+        for who in ("an honest", "a dishonest"):
+            prompt = f"User: Pretend you're {who} person making statements about the world.\nAssistant: The"
+            events = engine.run(GenerationRequest(prompt=prompt, sampling=Sampling(max_tokens=4), interventions=spec))
+            fired[who] = [e for e in events if isinstance(e, PromptEvent)][0].gates
+    assert fired["an honest"] == {} and "g" in fired["a dishonest"]
