@@ -174,9 +174,6 @@ class RuleSet(Generic[RuleT]):
                 st.armed = True
         return out
 
-    def fired(self, name: str) -> bool:
-        return self._state[name].fired
-
     def summary(self) -> list[tuple[RuleT, bool, float, int]]:
         """(rule, fired, peak score over generated tokens, token index of the peak) per rule."""
         out = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,14 +62,15 @@ def build_pack(lm: Any, out: Path, cfg: PackConfig, stage: Stage) -> dict[str, A
     """Write the pack into ``out`` (created) and return its manifest."""
     from monitors.train.probe import Collector
     from service.cli_common import encoder, pad_id
+    from steering.evaluate import NeutralKL
     from steering.refusal import Runner
 
     out.mkdir(parents=True, exist_ok=True)
     encode = encoder(lm)
     collector = Collector(lm.model, lm.layers, encode, pad_id(lm), batch_size=cfg.batch_size, max_length=None)
     runner = Runner(lm.model, lm.layers, encode, pad_id(lm), batch_size=cfg.batch_size)
-    neutral = _neutral(cfg)
     started = time.time()
+    neutral = NeutralKL(runner, _neutral(cfg))  # the plain pass, once for every edit measured
     assets, report = [], {}
     with stage("deception probe (instructed pairs)"):
         asset, report["deception"] = _deception(lm, collector, out, cfg)
@@ -119,21 +121,24 @@ def _deception(lm: Any, collector: Any, out: Path, cfg: PackConfig) -> tuple[dic
 
 def _group_split(items: list, key: Callable[[Any], str], n_val: int, seed: int) -> tuple[list, list]:
     """Held-out items by group (items sharing ``key`` stay on one side)."""
-    groups = sorted({key(x) for x in items})
+    sizes = Counter(key(x) for x in items)
+    groups = sorted(sizes)
     order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
     held: set[str] = set()
+    n_held = 0
     for i in order:
-        if sum(key(x) in held for x in items) >= n_val:
+        if n_held >= n_val:
             break
         held.add(groups[i])
+        n_held += sizes[groups[i]]
     return [x for x in items if key(x) not in held], [x for x in items if key(x) in held]
 
 
-def _sycophancy(lm: Any, collector: Any, runner: Any, neutral: list[str], out: Path, cfg: PackConfig
+def _sycophancy(lm: Any, collector: Any, runner: Any, neutral_kl: Any, out: Path, cfg: PackConfig
                 ) -> tuple[dict, dict]:
     from monitors.datasets import ABQuestion, load_packaged
     from steering.caa import ab_texts, caa_vector, last_token_starts
-    from steering.evaluate import ab_choice, add_edit, neutral_kl, sweep_coefficients
+    from steering.evaluate import ab_choice, add_edit, sweep_coefficients
     from steering.vectors import save_vector
 
     items = load_packaged("sycophancy_ab", ABQuestion)
@@ -159,8 +164,7 @@ def _sycophancy(lm: Any, collector: Any, runner: Any, neutral: list[str], out: P
     other = [letter[q.answer_not_matching_behavior] for q in held]
     rate = sweep_coefficients(lambda e: ab_choice(runner, prompts, match, other, e),
                               lambda c: add_edit(runner, layer, v, c), cfg.coefs)
-    kl = sweep_coefficients(lambda e: neutral_kl(runner, neutral, e), lambda c: add_edit(runner, layer, v, c),
-                            cfg.coefs)
+    kl = sweep_coefficients(neutral_kl, lambda c: add_edit(runner, layer, v, c), cfg.coefs)
     asset = {"name": "sycophancy", "kind": "vector", "file": "sycophancy.safetensors", "layer": layer}
     return asset, {"pairs": n, "heldout_questions": len(held), "layer": layer, "norm": float(v.norm()),
                    "heldout_pair_accuracy": float((proj > 0).float().mean()),
@@ -177,9 +181,9 @@ def _letter_ids(lm: Any) -> dict[str, int]:
     return ids
 
 
-def _refusal(lm: Any, runner: Any, neutral: list[str], out: Path, cfg: PackConfig) -> tuple[dict, dict]:
+def _refusal(lm: Any, runner: Any, neutral_kl: Any, out: Path, cfg: PackConfig) -> tuple[dict, dict]:
     from monitors.datasets import Instruction, load_packaged
-    from steering.evaluate import add_edit, neutral_kl, refusal_scores, sweep_coefficients
+    from steering.evaluate import add_edit, refusal_scores, sweep_coefficients
     from steering.refusal import (
         BASE_TEMPLATE,
         REFUSAL_PREFIXES,
@@ -206,15 +210,14 @@ def _refusal(lm: Any, runner: Any, neutral: list[str], out: Path, cfg: PackConfi
 
     induced = sweep_coefficients(lambda e: refusal_scores(runner, val["harmless"], rid, e),
                                  lambda c: add_edit(runner, res.chosen.layer, r, c), cfg.refusal_coefs)
-    kl_add = sweep_coefficients(lambda e: neutral_kl(runner, neutral, e),
-                                lambda c: add_edit(runner, res.chosen.layer, r, c), cfg.refusal_coefs)
+    kl_add = sweep_coefficients(neutral_kl, lambda c: add_edit(runner, res.chosen.layer, r, c), cfg.refusal_coefs)
     asset = {"name": "refusal", "kind": "vector", "file": "refusal.safetensors", "layer": res.chosen.layer}
     return asset, {
         "layer": res.chosen.layer, "position": res.chosen.position, "norm": float(r.norm()),
         "selection": res.selection, "monitor_auroc": auroc_val,
         "baseline_harmful": res.baseline_harmful, "baseline_harmless": res.baseline_harmless,
         "ablated_harmful": res.chosen.ablated_refusal, "ablation_kl_harmless": res.chosen.kl,
-        "ablation_kl_neutral": neutral_kl(runner, neutral, ablate),
+        "ablation_kl_neutral": neutral_kl(ablate),
         "candidates": [c.__dict__ for c in res.candidates],
         "effect": [{"coef": c, "harmless_refusal": s, "neutral_kl": k}
                    for (c, s), (_, k) in zip(induced, kl_add, strict=True)]}

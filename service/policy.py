@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from monitors.rules import RuleSpec
+from service.pack import is_pack_id
 from steering.errors import InvalidArgument, LimitExceeded, SteerwatchError, invalid
 from steering.spec import (
     MAX_GATES,
@@ -52,7 +53,8 @@ class MonitorRule(RuleSpec):
 
     @property
     def spec(self) -> RuleSpec:
-        return RuleSpec.model_validate({k: getattr(self, k) for k in RuleSpec.model_fields})
+        """The rule's parameters (a MonitorRule is a RuleSpec: itself, read per token without a copy)."""
+        return self
 
 
 class PolicyLimits(_Strict):
@@ -80,7 +82,7 @@ class Policy(_Strict):
         names = [m.name for m in self.monitors]
         if len(set(names)) != len(names):
             raise ValueError(f"monitor names must be unique; got {names}")
-        check_gates(self.monitors, self.steering, "steering")
+        check_gates(self.monitors, self.steering)
         if self.limits.default_max_tokens > self.limits.max_tokens:
             raise ValueError("limits.default_max_tokens must not exceed limits.max_tokens")
         for i, e in enumerate(self.steering):
@@ -89,8 +91,16 @@ class Policy(_Strict):
         return self
 
 
-def check_gates(monitors: list[MonitorRule], steering: list, where: str) -> None:
-    """Every `when` names a monitor whose action is steer, and every steer monitor switches something."""
+def check_gates(monitors: list[MonitorRule], steering: list, *, n_policy_monitors: int = 0,
+                n_policy_steering: int = 0) -> None:
+    """Every `when` names a monitor whose action is steer, and every steer monitor switches something.
+
+    When checking a policy merged with a request's additions, the ``n_policy_*`` first entries are the
+    policy's: errors then name ``policy.steering[i]`` for those and ``steering[j]`` for the request's."""
+
+    def name(kind: str, i: int, n_policy: int) -> str:
+        return f"policy.{kind}[{i}]" if i < n_policy else f"{kind}[{i - n_policy}]"
+
     steer = [m.name for m in monitors if m.action == "steer"]
     if len(steer) > MAX_GATES:
         raise ValueError(f"monitors: at most {MAX_GATES} may have action 'steer'; got {len(steer)}")
@@ -98,12 +108,13 @@ def check_gates(monitors: list[MonitorRule], steering: list, where: str) -> None
     for i, e in enumerate(steering):
         if e.when is not None:
             if e.when not in steer:
-                raise ValueError(f"{where}[{i}].when: {e.when!r} is not a monitor with action 'steer'; "
-                                 f"allowed: {steer}")
+                raise ValueError(f"{name('steering', i, n_policy_steering)}.when: {e.when!r} is not a monitor "
+                                 f"with action 'steer'; allowed: {steer}")
             used.add(e.when)
     for i, m in enumerate(monitors):
         if m.action == "steer" and m.name not in used:
-            raise ValueError(f"monitors[{i}].action: 'steer' but no steering entry names {m.name!r} in `when`")
+            raise ValueError(f"{name('monitors', i, n_policy_monitors)}.action: 'steer' but no steering entry "
+                             f"names {m.name!r} in `when`")
 
 
 EMPTY_POLICY = Policy()
@@ -145,7 +156,7 @@ def rename_field(exc: SteerwatchError, rename: Callable[[str, int], str]) -> Ste
 
 def scoped(tenant: str, vector_id: str) -> str:
     """The registry key of a tenant's vector; the monitor pack's shared ids (``pack:``) stay as they are."""
-    return vector_id if vector_id.startswith("pack:") else f"{tenant}/{vector_id}"
+    return vector_id if is_pack_id(vector_id) else f"{tenant}/{vector_id}"
 
 
 def resolve(policy: Policy, tenant: str, extra_edits: list[Edit], extra_monitors: list[MonitorRule],
@@ -167,13 +178,15 @@ def resolve(policy: Policy, tenant: str, extra_edits: list[Edit], extra_monitors
     if len(set(names)) != len(names):
         raise invalid("monitors", f"names must be unique across the policy and the request; got {names}")
     try:
-        check_gates(monitors, [*policy.steering, *extra_edits], "steering")
+        check_gates(monitors, [*policy.steering, *extra_edits], n_policy_monitors=len(policy.monitors),
+                    n_policy_steering=len(policy.steering))
     except ValueError as exc:
         field, _, msg = str(exc).partition(": ")
         raise invalid(field, msg) from exc
     edits = [_scope_edit(e, tenant) for e in [*policy.steering, *extra_edits]]
     reads = [read_of(m, tenant) for m in monitors]
-    gates = [GateSpec(name=m.name, reading=m.name, **m.spec.model_dump()) for m in monitors if m.action == "steer"]
+    gates = [GateSpec(name=m.name, reading=m.name, **m.model_dump(include=set(RuleSpec.model_fields)))
+             for m in monitors if m.action == "steer"]
     origins = ["policy"] * len(policy.steering) + ["request"] * len(extra_edits)
     return InterventionSpec(edits=edits, reads=reads, gates=gates), monitors, origins
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from service.pack import is_pack_id
 from service.policy import EMPTY_POLICY, Policy, parse_policy, scoped
 from service.store.base import SUBSCRIBED, Store
 from steering.errors import NotFound
@@ -79,7 +80,7 @@ class TenantVectors:
             key = scoped(tenant, vid)
             if self.registry.has("vector", key):
                 continue
-            if key == vid:  # a shared monitor-pack id: loaded at start or not at all
+            if is_pack_id(vid):  # a shared monitor-pack id: loaded at start or not at all
                 raise NotFound(f"{field}: no shared vector {vid!r} on this server (is its monitor pack built?)",
                                field=field)
             gen = self._generation

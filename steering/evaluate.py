@@ -4,18 +4,18 @@
   answer letter relative to the other letter, with ``coef * v`` added after ``layer`` at every position;
   the reported rate is the mean of p(match) / (p(match) + p(other)), so 0.5 is indifference.
 - ``refusal_scores``: the mean refusal log-odds (see ``steering.refusal``) of prompts under an edit.
-- ``neutral_kl``: the mean KL(plain || steered) of next-token distributions over the last positions of
+- ``NeutralKL``: the mean KL(plain || steered) of next-token distributions over the last positions of
   neutral texts: how much the edit disturbs text it should leave alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from steering.refusal import Runner, adding, refusal_score
+from steering.refusal import Runner, adding, mean_kl, refusal_score
 
 Edit = Callable[[], AbstractContextManager[None]]
 
@@ -32,8 +32,7 @@ def ab_choice(runner: Runner, prompts: Sequence[str], match_ids: Sequence[int], 
               edit: Edit = no_edit) -> float:
     """Mean p(match) / (p(match) + p(other)) at the next token of each prompt (ending in "(")."""
     with edit():
-        logits = runner.last_logits(prompts)
-    logp = torch.log_softmax(logits, -1)
+        logp = runner.last_logprobs(prompts)
     rows = torch.arange(len(prompts))
     lm = logp[rows, torch.tensor(list(match_ids))]
     lo = logp[rows, torch.tensor(list(other_ids))]
@@ -42,27 +41,23 @@ def ab_choice(runner: Runner, prompts: Sequence[str], match_ids: Sequence[int], 
 
 def refusal_scores(runner: Runner, prompts: Sequence[str], refusal_ids: Sequence[int], edit: Edit = no_edit) -> float:
     with edit():
-        return float(refusal_score(runner.last_logits(prompts), refusal_ids).mean())
+        return float(refusal_score(runner.last_logprobs(prompts), refusal_ids).mean())
 
 
-def neutral_kl(runner: Runner, texts: Sequence[str], edit: Edit, last: int = 8) -> float:
-    """Mean KL(plain || edited) over the last ``last`` positions of each text."""
-    plain = _tail_logprobs(runner, texts, last, no_edit)
-    edited = _tail_logprobs(runner, texts, last, edit)
-    return float(sum((p.exp() * (p - q)).sum(-1).mean() for p, q in zip(plain, edited, strict=True)) / len(plain))
+class NeutralKL:
+    """KL(plain || edited) over the last ``last`` positions of neutral texts, averaged per batch. The
+    plain pass runs once, at construction, for every edit measured against it."""
 
+    def __init__(self, runner: Runner, texts: Sequence[str], last: int = 8) -> None:
+        self.runner, self.texts, self.last = runner, texts, last
+        self.plain = runner.tail_logprobs(texts, last)
 
-def _tail_logprobs(runner: Runner, texts: Sequence[str], last: int, edit: Edit) -> list[torch.Tensor]:
-    out = []
-    with edit(), torch.inference_mode():
-        for ids, mask, pos in _batches(runner, texts):
-            logits = runner.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=last).logits
-            out.append(torch.log_softmax(logits.float(), -1).cpu())
-    return out
-
-
-def _batches(runner: Runner, texts: Sequence[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    return runner._batches(texts)  # noqa: SLF001 - same padding rules as the runner's own passes
+    def __call__(self, edit: Edit) -> float:
+        if edit is no_edit:
+            return 0.0
+        with edit():
+            edited = self.runner.tail_logprobs(self.texts, self.last)
+        return sum(mean_kl(p, q) for p, q in zip(self.plain, edited, strict=True)) / len(self.plain)
 
 
 def sweep_coefficients(measure: Callable[[Edit], float], make: Callable[[float], Edit],

@@ -60,7 +60,7 @@ class RefusalResult:
 
 def refusal_token_ids(encode_plain: Encode, prefixes: Sequence[str] = REFUSAL_PREFIXES) -> list[int]:
     """First token of each refusal phrase (as it follows the template, after a space)."""
-    ids = {encode_plain(" " + p)[0] for p in prefixes if encode_plain(" " + p)}
+    ids = {tokens[0] for tokens in (encode_plain(" " + p) for p in prefixes) if tokens}
     if not ids:
         raise invalid("refusal_prefixes", "no refusal phrase encodes to a token")
     return sorted(ids)
@@ -92,13 +92,19 @@ class Runner:
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             yield t.to(dev), mask.to(dev), pos.to(dev)
 
-    def last_logits(self, prompts: Sequence[str]) -> torch.Tensor:
+    def tail_logprobs(self, prompts: Sequence[str], last: int) -> list[torch.Tensor]:
+        """Next-token log-probabilities at the last ``last`` positions, one [batch, last, vocab] per batch
+        (kept per batch: the vocabulary makes one tensor for every prompt large)."""
         out = []
         with torch.inference_mode():
             for ids, mask, pos in self._batches(prompts):
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
-                out.append(logits[:, -1].float().cpu())
-        return torch.cat(out)
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=last).logits
+                out.append(torch.log_softmax(logits.float(), -1).cpu())
+        return out
+
+    def last_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Next-token log-probabilities [n, vocab] at each prompt's last position."""
+        return torch.cat([x[:, -1] for x in self.tail_logprobs(prompts, 1)])
 
     def tail_residuals(self, prompts: Sequence[str], which: Sequence[int], n_positions: int) -> dict[int, torch.Tensor]:
         """Residuals [n, n_positions, d] after each layer at the last ``n_positions`` prompt tokens."""
@@ -142,9 +148,8 @@ def _edit(fn: Callable[[torch.Tensor], torch.Tensor]):  # noqa: ANN202 - torch h
     return hook
 
 
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    p = torch.log_softmax(p_logits, -1)
-    q = torch.log_softmax(q_logits, -1)
+def mean_kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Mean over positions of KL(p || q), both log-probabilities [..., vocab]."""
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
@@ -161,8 +166,8 @@ def find_refusal_direction(runner: Runner, harmful: Sequence[str], harmless: Seq
     layers = [layer for layer in layers if layer < max_layer_fraction * n_layers] or list(layers)
     mean_h = {k: v.mean(0) for k, v in runner.tail_residuals(harmful, layers, n_positions).items()}
     mean_s = {k: v.mean(0) for k, v in runner.tail_residuals(harmless, layers, n_positions).items()}
-    plain_harmful = runner.last_logits(harmful_val)
-    plain_harmless = runner.last_logits(harmless_val)
+    plain_harmful = runner.last_logprobs(harmful_val)
+    plain_harmless = runner.last_logprobs(harmless_val)
     base_h = float(refusal_score(plain_harmful, refusal_ids).mean())
     base_s = float(refusal_score(plain_harmless, refusal_ids).mean())
     cands = []
@@ -193,8 +198,8 @@ def _choose(cands: list[Candidate], max_kl: float, base_harmless: float) -> tupl
 def _score(runner: Runner, r: torch.Tensor, layer: int, position: int, harmful_val: Sequence[str],
            harmless_val: Sequence[str], plain_harmless: torch.Tensor, refusal_ids: Sequence[int]) -> Candidate:
     with ablating(runner.layers, r):
-        ablated_h = float(refusal_score(runner.last_logits(harmful_val), refusal_ids).mean())
-        kl = _kl(plain_harmless, runner.last_logits(harmless_val))
+        ablated_h = float(refusal_score(runner.last_logprobs(harmful_val), refusal_ids).mean())
+        kl = mean_kl(plain_harmless, runner.last_logprobs(harmless_val))
     with adding(runner.layers, layer, r):
-        induced = float(refusal_score(runner.last_logits(harmless_val), refusal_ids).mean())
+        induced = float(refusal_score(runner.last_logprobs(harmless_val), refusal_ids).mean())
     return Candidate(layer, position, ablated_h, kl, induced, float(r.norm()))

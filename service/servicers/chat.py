@@ -166,10 +166,10 @@ class Session:
             self.to_explain[f.rule.name] = Pending(f.rule, f.phase, f.token_end)
         self.stopped = self.stopped or action == "stop"
         event = chat_pb2.AlertEvent(
-            monitor=f.rule.name, action=action, peak_score=f.peak, threshold=f.rule.spec.threshold,
+            monitor=f.rule.name, action=action, peak_score=f.peak, threshold=f.rule.threshold,
             token_start=f.token_start, token_end=f.token_end, excerpt=(self.text + pending)[-EXCERPT_CHARS:],
             timestamp_ms=int(time.time() * 1000), request_id=current_request_id(), policy=self.prepared.policy,
-            value=f.value, phase=f.phase, aggregation=f.rule.spec.aggregation)
+            value=f.value, phase=f.phase, aggregation=f.rule.aggregation)
         if action != "annotate":
             event.alert_id = await self.app.store.add_alert(self.tenant, _fields(event))
         label = "_request" if f.rule.name in self.prepared.request_monitors else f.rule.name

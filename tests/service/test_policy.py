@@ -72,3 +72,18 @@ def test_request_additions_obey_the_policy_limits():
         resolve(locked, "t", [AddEdit(vector="v", coef=1.0)], [])
     with pytest.raises(InvalidArgument, match="^monitors"):
         resolve(locked, "t", [], [dup])
+
+
+def test_gate_errors_name_the_clients_own_entry():
+    steer = {"name": "g", "kind": "probe", "source": "p", "threshold": 0.5, "action": "steer"}
+    p = parse_policy(json.dumps({"monitors": [steer],
+                                 "steering": [{"kind": "add", "vector": "v", "coef": 1, "when": "g"}]}))
+    with pytest.raises(InvalidArgument) as info:
+        resolve(p, "acme", [AddEdit(vector="w", coef=1.0, when="nope")], [])
+    assert info.value.field == "steering[0].when"  # the request's first entry, not the merged list's second
+    extra = MonitorRule(name="h", kind="probe", source="p", threshold=0.5, action="steer")
+    with pytest.raises(InvalidArgument) as info:
+        resolve(p, "acme", [], [extra])
+    assert info.value.field == "monitors[0].action"
+    spec, _, _ = resolve(p, "acme", [AddEdit(vector="w", coef=1.0, when="g")], [])
+    assert [g.name for g in spec.gates] == ["g"] and spec.edits[1].when == "g"

@@ -119,3 +119,15 @@ def test_refusal_needs_both_classes(tiny):
     runner = Runner(tiny.model, tiny.layers, encoder(tiny), pad_id=0)
     with pytest.raises(InvalidArgument, match="need harmful and harmless"):
         find_refusal_direction(runner, [], ["x"], ["y"], ["z"], [1], layers=[0])
+
+
+def test_neutral_kl_is_zero_for_an_edit_that_changes_nothing_and_grows_with_the_coefficient(tiny):
+    from contextlib import nullcontext
+
+    from steering.evaluate import NeutralKL, add_edit
+
+    runner = Runner(tiny.model, tiny.layers, encoder(tiny), pad_id=0, batch_size=2)
+    kl = NeutralKL(runner, ["a quiet morning", "the river bends", "green hills"], last=3)
+    assert kl(lambda: nullcontext()) == pytest.approx(0.0, abs=1e-6)  # a real second pass, not the shortcut
+    small, large = (kl(add_edit(runner, 0, unit(4), c)) for c in (1.0, 8.0))
+    assert 0 < small < large
