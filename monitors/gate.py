@@ -88,23 +88,25 @@ class GateGroup:
         self.any_prompt = any(s.watches("prompt") for s in specs)
 
     def update(self, reads: torch.Tensor, rows: torch.Tensor, grid: tuple[int, int], fired: torch.Tensor,
-               prompt_ends: bool = False) -> None:
+               prompt_ends: bool | torch.Tensor = False) -> None:
         """Feed this step's scores. reads [T, n_columns] for T = slots x width tokens laid out
         slot-major (``grid``), rows [T]; ``fired`` [slots + 1, gates] receives the latches.
 
         ``prompt_ends``: the last column holds each prompted slot's final prompt token. That position
         predicts the first generated token, so (as on the host) its score also opens the generation
-        series, which starts afresh."""
+        series, which starts afresh. A [slots] bool ``prompt_ends`` says it per slot (a ragged step
+        mixing prompt chunks, final prompt tokens and decodes)."""
         n_slots, width = grid
         scores = reads.reshape(n_slots, width, -1)[self.slot, :, self.column]  # [K, width]
         token_rows = rows.reshape(n_slots, width)[self.slot]  # [K, width]
         is_prompt = (token_rows % 2) == 1  # slot s: prompt row 2s+1, generation row 2s+2, padding 0
         watched = torch.where(is_prompt, self.on_prompt[:, None], self.on_generation[:, None]) & (token_rows > 0)
-        if self.any_prompt or not prompt_ends:  # a whole-prompt prefill holds prompt tokens only
+        whole_prefill = prompt_ends is True
+        if self.any_prompt or not whole_prefill:  # a whole-prompt prefill holds prompt tokens only
             for k in range(width):
                 self._push(scores[:, k], watched[:, k], is_prompt[:, k])
-        if prompt_ends:
-            last_prompt = is_prompt[:, -1]
+        if prompt_ends is not False:
+            last_prompt = is_prompt[:, -1] if whole_prefill else is_prompt[:, -1] & prompt_ends[self.slot]  # type: ignore[index]
             self._restart(last_prompt)
             self._push(scores[:, -1], last_prompt & self.on_generation, torch.zeros_like(last_prompt))
         fired[self.slot, self.gate] = self.fired

