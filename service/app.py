@@ -13,7 +13,7 @@ from service.store.base import Store
 
 @dataclass
 class App:
-    """One replica's wiring. ``engine`` is an HFEngine (the vLLM engine will keep the same surface)."""
+    """One replica's wiring. ``engine`` is an HFEngine or a VLLMEngine (the same surface)."""
 
     engine: Any
     store: Store

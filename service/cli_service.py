@@ -29,6 +29,7 @@ def add_service_parsers(sub: Any) -> None:
     s.add_argument("--quantize", choices=["4bit", "8bit"])
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--device", help="cpu, cuda, cuda:N or mps")
+    s.add_argument("--engine", choices=["auto", "hf", "vllm"], help="auto (default): vllm when installed")
 
     k = sub.add_parser("keys", help="API keys in the Redis store")
     ksub = k.add_subparsers(dest="keys_command", required=True)
@@ -59,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.serve import serve_forever
     from service.settings import ConfigError, Settings
 
-    names = ("port", "metrics_port", "host", "model", "redis_url", "quantize", "dtype", "device")
+    names = ("port", "metrics_port", "host", "model", "redis_url", "quantize", "dtype", "device", "engine")
     overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     try:
         settings = Settings.load(args.config, **overrides)

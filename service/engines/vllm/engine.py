@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from service.engines.hf import EngineLimits, _canonical_name
 from service.engines.sequence import Sequence
 from service.engines.types import Event, FinalEvent, GenerationRequest, PromptEvent, Sampling
+from service.engines.vllm.options import VLLMOptions
 from service.engines.vllm.readouts import ReadoutChannel, RequestReadouts
 from service.engines.vllm.worker import EXTRA_KEY
 from steering.compile import CompiledRequest, ModelShape, compile_spec
@@ -39,24 +39,6 @@ from steering.spec import InterventionSpec
 log = logging.getLogger(__name__)
 
 HOOKS_VERSION = "1"  # bump when the hook code changes: it names the compile cache directory
-
-
-class VLLMOptions(BaseModel):
-    """How the vLLM engine is started (``settings.vllm``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dtype: str = Field("auto", pattern=r"^(auto|float32|bfloat16|float16)$", description="weights and activations")
-    enforce_eager: bool | None = Field(None, description="no torch.compile/CUDA graphs; null = eager on CPU only")
-    max_model_len: int = Field(4096, ge=16, le=1_048_576, description="context length (prompt + output)")
-    max_num_seqs: int = Field(64, ge=1, le=4096, description="requests batched at once")
-    max_num_batched_tokens: int | None = Field(None, ge=16, description="tokens per step (chunked prefill)")
-    kv_cache_gb: int = Field(2, ge=1, le=4096, description="CPU only: KV cache size in GiB")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU only")
-    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per replica")
-    enable_prefix_caching: bool = Field(True, description="steered and monitored requests get a cache salt")
-    readout_timeout_s: float = Field(30.0, gt=0, le=600, description="longest wait for a token's readings")
-    seed: int = Field(0, ge=0)
 
 
 class AuxModel:
@@ -398,8 +380,10 @@ def _compilation(cpu: bool) -> dict[str, Any]:
 
     config: dict[str, Any] = {"cache_dir": str(cache_root() / "vllm-compile" / f"hooks-v{HOOKS_VERSION}")}
     if not cpu:
-        config["splitting_ops"] = ["vllm::unified_attention", "vllm::unified_attention_with_output",
-                                   "steerwatch::layer_step"]
+        from vllm.config import CompilationConfig
+
+        config["splitting_ops"] = [*CompilationConfig._attention_ops, "vllm::unified_kv_cache_update",
+                                   "vllm::unified_mla_kv_cache_update", "steerwatch::layer_step"]
         config["cudagraph_mode"] = "PIECEWISE"
     return config
 
