@@ -100,6 +100,9 @@ class VLLMEngine:
         )
         if not eager:
             kwargs["compilation_config"] = _compilation(cpu)
+        arch = _architecture(self.model_dir)
+        if arch is not None:
+            kwargs["hf_overrides"] = {"architectures": [arch]}
         args = AsyncEngineArgs(**kwargs)
         self.llm = AsyncLLM.from_engine_args(args)
         if self._with_hooks:
@@ -386,6 +389,18 @@ def _compilation(cpu: bool) -> dict[str, Any]:
                                    "vllm::unified_mla_kv_cache_update", "steerwatch::layer_step"]
         config["cudagraph_mode"] = "PIECEWISE"
     return config
+
+
+def _architecture(model_dir: str) -> str | None:
+    """The causal-LM class for a config that names none (the prepared default model's does not, and
+    vLLM would then load it as an embedding model)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if getattr(config, "architectures", None):
+        return None
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
 
 
 def _eos_ids(model_dir: str, tokenizer: Any) -> set[int]:
