@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=16)
     b.add_argument("--repeats", type=int, default=1)
     b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    b.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="hf: the transformers engine vs its plain loop; vllm: steerwatch on vLLM vs plain vLLM")
+    b.add_argument("--batches", default="16,64,256",
+                   help="vllm only: batch sizes of the distinct-configuration rows (comma-separated)")
     add_explain_parser(sub)
     add_extract_parsers(sub)
     add_pack_parsers(sub)

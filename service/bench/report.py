@@ -51,6 +51,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from service.models import load_model
 
     err = Console(stderr=True)
+    if getattr(args, "engine", "hf") == "vllm":
+        return _run_vllm_bench(args, err)
     lm = load_model(args.model, quantize=args.quantize, dtype=args.dtype, device=args.device)
     result = bench(lm, max_tokens=args.max_tokens, batch=args.batch, repeats=args.repeats,
                    progress=lambda msg: err.print(f"[dim]{msg}[/]"))
@@ -59,3 +61,30 @@ def run_bench(args: argparse.Namespace) -> int:
         print(markdown(result))
     return 0
 
+
+
+def _run_vllm_bench(args: argparse.Namespace, err: Console) -> int:
+    from service.bench.vllm_bench import bench_vllm
+    from service.engines.vllm.options import VLLMOptions
+    from service.models import DEFAULT_MODEL_NAME, prepare_default_model
+    from steering.errors import invalid
+
+    try:
+        batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
+    except ValueError:
+        raise invalid("--batches", f"must be comma-separated integers, got {args.batches!r}") from None
+    if not batches or min(batches) < 1 or max(batches) > 1024:
+        raise invalid("--batches", f"each batch must be in 1..1024, got {args.batches!r}")
+    if args.quantize:
+        raise invalid("--quantize", "not with --engine vllm (bitsandbytes quantization is the HF engine's)")
+    default = args.model == "default"
+    model_dir = str(prepare_default_model()) if default else args.model
+    options = VLLMOptions(dtype=args.dtype, max_model_len=512, max_num_seqs=max(batches), kv_cache_gb=4)
+    rows, info = bench_vllm(model_dir, DEFAULT_MODEL_NAME if default else None, options, batches=batches,
+                            max_tokens=args.max_tokens, repeats=args.repeats,
+                            progress=lambda msg: err.print(f"[dim]{msg}[/]"))
+    result = BenchResult(rows, info)
+    Console().print(rich_table(result))
+    if args.markdown:
+        print(markdown(result))
+    return 0

@@ -13,6 +13,7 @@ import grpc
 import torch
 
 from service.models import tiny_llama
+from service.protos import chat_pb2
 from service.serve import start_replica
 from service.settings import Settings
 from tests.service.grpc_harness import (
@@ -21,6 +22,7 @@ from tests.service.grpc_harness import (
     delete_prefix,
     direction_monitor,
     live_watch,
+    monitor_spec,
     open_test_store,
     policy_doc,
     unique_prefix,
@@ -53,6 +55,8 @@ async def _session(engine: str, model_dir: Path) -> dict[str, Any]:
             steering=[add_steering("push", 1.5, layers=[1])]), make_default=True)
         watcher = await live_watch(store, "acme", client.watch())
         results = [await client.generate(p, max_tokens=12) for p in ("Hello there", "The weather today")]
+        stop = monitor_spec("s", "watch", threshold=0.0, action="stop", layer=1)
+        results.append(await client.generate("Stop me when", max_tokens=12, monitors=[stop]))
         await asyncio.sleep(0.5)
         await watcher.close()
         info = await client.info()
@@ -91,5 +95,5 @@ def test_vllm_replica_serves_the_same_policy_as_the_hf_replica(vllm_tiny_dir, lo
     assert v["tokens"] == hf["tokens"] and v["text"] == hf["text"]
     assert v["alerts"] == hf["alerts"] and any(v["alerts"])
     assert v["watched"] == [a for r in v["alerts"] for a in r]  # each in-band alert reached the Redis Stream once
-    assert v["finals"] == hf["finals"]
+    assert v["finals"] == hf["finals"] and v["finals"][-1] == chat_pb2.FINISH_REASON_POLICY
     assert v["cancel"] == {"running": 0, "worker_requests": 0}

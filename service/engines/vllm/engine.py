@@ -100,6 +100,8 @@ class VLLMEngine:
         )
         if not eager:
             kwargs["compilation_config"] = _compilation(cpu)
+        if not cpu and self._with_hooks:
+            kwargs["async_scheduling"] = False  # a step's layout is prepared, then run, then the next one
         arch = _architecture(self.model_dir)
         if arch is not None:
             kwargs["hf_overrides"] = {"architectures": [arch]}
@@ -264,6 +266,7 @@ class VLLMStream:
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self.finished = False
         self.seq = Sequence(req, compiled, ids, self._queue.put_nowait, engine.lm.tokenizer)
+        self.num_cached_tokens: int | None = None  # prompt tokens vLLM served from its prefix cache
         engine._inflight += 1
         self._task = asyncio.create_task(self._drive(), name=f"vllm-{self.corr}")
 
@@ -304,20 +307,12 @@ class VLLMStream:
             if salt is not None:
                 prompt["cache_salt"] = salt
             params = engine.sampling_params(self.req, self.corr, spec_json)
-            self.num_cached_tokens: int | None = None
-            async for out in engine.llm.generate(prompt, params, request_id=self.corr):
-                if seq.admitted_at is None:
-                    seq.admitted_at = time.perf_counter()
-                    self.num_cached_tokens = out.num_cached_tokens
-                for tok in out.outputs[0].token_ids:
-                    await self._take(int(tok), readouts)
-                    if seq.done:
+            # aclosing: ending early (stop string, policy stop, missing readings) closes the generator,
+            # which aborts the request inside vLLM at once instead of whenever it is collected
+            async with contextlib.aclosing(engine.llm.generate(prompt, params, request_id=self.corr)) as outputs:
+                async for out in outputs:
+                    if await self._consume(out, readouts):
                         return
-                if out.finished:
-                    reason = out.outputs[0].finish_reason
-                    seq.finish("length" if reason == "length" else "cancelled" if reason == "abort" else "stop",
-                               flush=True)
-                    return
         except asyncio.CancelledError:
             seq.finish("cancelled")
         except Exception as exc:  # engine failure: this request ends with an error, the server lives on
@@ -328,6 +323,22 @@ class VLLMStream:
                 seq.finish("cancelled")
             engine.readouts.close(self.corr)
             engine._inflight -= 1
+
+    async def _consume(self, out: Any, readouts: RequestReadouts | None) -> bool:
+        """Take one vLLM output's new tokens; True once the sequence is over."""
+        seq = self.seq
+        if seq.admitted_at is None:
+            seq.admitted_at = time.perf_counter()
+            self.num_cached_tokens = out.num_cached_tokens
+        for tok in out.outputs[0].token_ids:
+            await self._take(int(tok), readouts)
+            if seq.done:
+                return True
+        if out.finished:
+            reason = out.outputs[0].finish_reason
+            seq.finish("length" if reason == "length" else "cancelled" if reason == "abort" else "stop", flush=True)
+            return True
+        return False
 
     async def _take(self, tok: int, readouts: RequestReadouts | None) -> None:
         seq, n = self.seq, len(self.ids)
