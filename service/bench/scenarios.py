@@ -147,15 +147,21 @@ def _add(src: Sources, vector: int, coef: float, layers: list[int]) -> AddEdit:
 
 def mixed_specs(src: Sources, n: int) -> list[InterventionSpec]:
     """``n`` different configurations: plain, CAA (various vectors/coefs/layers), ablation, probe and
-    SAE monitoring, an SAE clamp, conditional CAA, and combinations. Beyond 16 the mix repeats with other coefficients."""
+    SAE monitoring, an SAE clamp, conditional CAA, and combinations. Beyond 16 the mix repeats with
+    other coefficients, and each repeat r >= 1 also adds ``0.5 r`` times a vector at layer L + r, so
+    that all ``n`` configurations are distinct (the plain and monitor-only ones included)."""
     specs = []
     for i in range(n):
-        scale = 1.0 + 0.25 * (i // 16)
-        if i % 16 == CONDITIONAL_ROW:
-            specs.append(conditional_spec(src, 4.0 * scale))
-            continue
-        edits, reads = _mixed(src, i % 16, scale)
-        specs.append(InterventionSpec(edits=edits, reads=reads))
+        r, k = divmod(i, 16)
+        scale = 1.0 + 0.25 * r
+        if k == CONDITIONAL_ROW:
+            spec = conditional_spec(src, 4.0 * scale)
+            edits, reads, gates = list(spec.edits), list(spec.reads), list(spec.gates)
+        else:
+            (edits, reads), gates = _mixed(src, k, scale), []
+        if r:
+            edits = [*edits, _add(src, r, 0.5 * r, [src.layer + r])]
+        specs.append(InterventionSpec(edits=edits, reads=reads, gates=gates))
     return specs
 
 
