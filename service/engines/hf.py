@@ -21,12 +21,13 @@ import torch
 from transformers import DynamicCache
 
 from service.engines import kv
+from service.engines.admission import admit
 from service.engines.sampling import sample
 from service.engines.sequence import Sequence
-from service.engines.types import Event, FinalEvent, GenerationRequest, PromptEvent
+from service.engines.types import Event, FinalEvent, GenerationRequest, PromptEvent, QueuedEvents
 from steering.batch import BatchPlan, row_of
-from steering.compile import ModelShape, compile_spec
-from steering.errors import FailedPrecondition, LimitExceeded, Unavailable, invalid
+from steering.compile import ModelShape
+from steering.errors import Unavailable
 from steering.hooks import LayerHooks
 from steering.registry import Registry
 from steering.spec import Limits
@@ -54,28 +55,17 @@ class Handle:
         self._wake()
 
 
-class EventStream:
+class EventStream(QueuedEvents):
     """A submitted request's events on the caller's event loop; ``cancel`` ends it at the next step."""
 
     def __init__(self, engine: HFEngine, req: GenerationRequest) -> None:
+        super().__init__()
         loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.finished = False
 
         def emit(ev: Event) -> None:
             loop.call_soon_threadsafe(self._queue.put_nowait, ev)
 
         self._handle = engine.submit(req, emit)
-
-    def __aiter__(self) -> EventStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self.finished:
-            raise StopAsyncIteration
-        ev = await self._queue.get()
-        self.finished = isinstance(ev, FinalEvent)
-        return ev
 
     def cancel(self) -> None:
         """Cancel unless already finished (idempotent, any thread)."""
@@ -144,31 +134,15 @@ class HFEngine:
         """Validate and enqueue ``req``; events go to ``emit`` (called on the engine thread)."""
         if self._stop.is_set():
             raise Unavailable("engine: shutting down; retry on another replica")
-        if req.sampling.max_tokens > self.limits.max_new_tokens:
-            raise LimitExceeded(f"sampling.max_tokens: {req.sampling.max_tokens} is beyond the limit; "
-                                f"allowed 1..{self.limits.max_new_tokens}", field="sampling.max_tokens")
-        ids = self._encode(req)
-        compiled = compile_spec(req.interventions, self.registry, self.shape, self.limits)
-        if not compiled.empty and not self._with_hooks:
-            raise FailedPrecondition("interventions: this engine was built without hooks (plain baseline)")
+        ids, compiled = admit(req, tokenizer=self.lm.tokenizer, max_prompt_tokens=self.limits.max_prompt_tokens,
+                              max_new_tokens=self.limits.max_new_tokens, registry=self.registry, shape=self.shape,
+                              limits=self.limits, hooks=self._with_hooks)
         if self._waiting.qsize() >= self.limits.max_queue:
             raise Unavailable(f"engine: queue full ({self.limits.max_queue} waiting); retry later")
         seq = Sequence(req, compiled, ids, emit, self.lm.tokenizer)
         self._waiting.put(seq)
         self._wake_event.set()
         return Handle(seq, self._wake_event.set)
-
-    def _encode(self, req: GenerationRequest) -> list[int]:
-        from service.models import encode_prompt
-
-        prompt: Any = req.prompt if isinstance(req.prompt, str) else [m.model_dump() for m in req.prompt]
-        ids = encode_prompt(self.lm.tokenizer, prompt)
-        if len(ids) > self.limits.max_prompt_tokens:
-            raise LimitExceeded(f"prompt: {len(ids)} tokens is beyond the limit; allowed 1..{self.limits.max_prompt_tokens}",
-                                field="prompt")
-        if not ids:
-            raise invalid("prompt", "encodes to no tokens")
-        return ids
 
     def stream(self, req: GenerationRequest) -> Iterator[Event]:
         """Blocking iterator over a request's events (for the CLI and tests)."""

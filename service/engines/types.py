@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -104,3 +105,25 @@ class FinalEvent:
 
 
 Event = PromptEvent | TokenEvent | FinalEvent
+
+
+class QueuedEvents:
+    """A request's events as an async iterator over a queue on the caller's event loop, ending after the
+    FinalEvent. Engines feed ``_queue`` and implement ``cancel``."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> QueuedEvents:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self.finished:
+            raise StopAsyncIteration
+        ev = await self._queue.get()
+        self.finished = isinstance(ev, FinalEvent)
+        return ev
+
+    def cancel(self) -> None:
+        raise NotImplementedError

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from service.engines.hf import HFEngine
-from service.engines.types import FinalEvent, GenerationRequest, PromptEvent, Sampling, TokenEvent
+from service.engines.types import FinalEvent, GenerationRequest, Sampling
 from service.models import DEFAULT_MODEL_NAME, prepare_default_model
 from service.pack import load_pack, resolve_pack
 from tests.vllm.conftest import TINY, add_test_assets
+from tests.vllm.test_vllm_engine import readings, tokens
 
 PROMPTS = ["The capital of France is", "Pretend you're a dishonest person. Tell me about the moon.",
            "Here is a short poem about the sea:"]
@@ -24,17 +25,8 @@ def _req(prompt: str, spec: dict[str, Any] | None = None) -> GenerationRequest:
 
 
 def _summary(evs: list[Any]) -> tuple[list[int], dict[str, list[float]]]:
-    toks = [e.token_id for e in evs if isinstance(e, TokenEvent)]
-    reads: dict[str, list[float]] = {}
-    for e in evs:
-        if isinstance(e, PromptEvent):
-            for k, v in e.readings.items():
-                reads.setdefault(k, []).extend(v)
-        elif isinstance(e, TokenEvent):
-            for k, v in e.readings.items():
-                reads.setdefault(k, []).append(v)
     assert isinstance(evs[-1], FinalEvent) and evs[-1].error is None, evs[-1]
-    return toks, reads
+    return tokens(evs), readings(evs)
 
 
 @pytest.mark.slow

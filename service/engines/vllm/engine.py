@@ -25,14 +25,15 @@ from typing import Any
 
 import torch
 
+from service.engines.admission import admit, encode_request
 from service.engines.hf import EngineLimits, _canonical_name
 from service.engines.sequence import Sequence
-from service.engines.types import Event, FinalEvent, GenerationRequest, PromptEvent, Sampling
+from service.engines.types import Event, GenerationRequest, PromptEvent, QueuedEvents, Sampling
 from service.engines.vllm.options import VLLMOptions
 from service.engines.vllm.readouts import ReadoutChannel, RequestReadouts
 from service.engines.vllm.worker import EXTRA_KEY
-from steering.compile import CompiledRequest, ModelShape, compile_spec
-from steering.errors import FailedPrecondition, LimitExceeded, Unavailable, invalid
+from steering.compile import CompiledRequest, ModelShape
+from steering.errors import FailedPrecondition, Unavailable
 from steering.registry import Registry
 from steering.spec import InterventionSpec
 
@@ -163,28 +164,18 @@ class VLLMEngine:
         """Validate and compile ``req`` (raising for a bad one), then start it."""
         if self.llm is None:
             raise Unavailable("engine: not running; retry on another replica")
-        if req.sampling.max_tokens > self.limits.max_new_tokens:
-            raise LimitExceeded(f"sampling.max_tokens: {req.sampling.max_tokens} is beyond the limit; "
-                                f"allowed 1..{self.limits.max_new_tokens}", field="sampling.max_tokens")
-        ids = self._encode(req)
-        compiled = compile_spec(req.interventions, self.registry, self.shape, self.limits)
-        if not compiled.empty and not self._with_hooks:
-            raise FailedPrecondition("interventions: this engine was built without hooks (plain baseline)")
+        ids, compiled = admit(req, tokenizer=self.lm.tokenizer, max_prompt_tokens=self._prompt_limit(),
+                              max_new_tokens=self.limits.max_new_tokens, registry=self.registry, shape=self.shape,
+                              limits=self.limits, hooks=self._with_hooks)
         if self._inflight >= self.options.max_num_seqs + self.limits.max_queue:
             raise Unavailable(f"engine: queue full ({self.limits.max_queue} waiting); retry later")
         return VLLMStream(self, req, ids, compiled)
 
-    def _encode(self, req: GenerationRequest) -> list[int]:
-        from service.models import encode_prompt
+    def _prompt_limit(self) -> int:
+        return min(self.limits.max_prompt_tokens, self.options.max_model_len - 1)
 
-        prompt: Any = req.prompt if isinstance(req.prompt, str) else [m.model_dump() for m in req.prompt]
-        ids = encode_prompt(self.lm.tokenizer, prompt)
-        limit = min(self.limits.max_prompt_tokens, self.options.max_model_len - 1)
-        if len(ids) > limit:
-            raise LimitExceeded(f"prompt: {len(ids)} tokens is beyond the limit; allowed 1..{limit}", field="prompt")
-        if not ids:
-            raise invalid("prompt", "encodes to no tokens")
-        return ids
+    def _encode(self, req: GenerationRequest) -> list[int]:
+        return encode_request(self.lm.tokenizer, req, self._prompt_limit())
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
         stream = self.open_stream(req)
@@ -257,28 +248,17 @@ class VLLMEngine:
         return {"plain": plain, "steered": steered, "readings": values}
 
 
-class VLLMStream:
+class VLLMStream(QueuedEvents):
     """One request on vLLM as the engine's events; ``cancel`` aborts it in vLLM (any time, idempotent)."""
 
     def __init__(self, engine: VLLMEngine, req: GenerationRequest, ids: list[int], compiled: CompiledRequest) -> None:
         self.engine, self.req, self.ids, self.compiled = engine, req, ids, compiled
+        super().__init__()
         self.corr = req.request_id + "-" + uuid.uuid4().hex[:12] if req.request_id else uuid.uuid4().hex
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.finished = False
         self.seq = Sequence(req, compiled, ids, self._queue.put_nowait, engine.lm.tokenizer)
         self.num_cached_tokens: int | None = None  # prompt tokens vLLM served from its prefix cache
         engine._inflight += 1
         self._task = asyncio.create_task(self._drive(), name=f"vllm-{self.corr}")
-
-    def __aiter__(self) -> VLLMStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self.finished:
-            raise StopAsyncIteration
-        ev = await self._queue.get()
-        self.finished = isinstance(ev, FinalEvent)
-        return ev
 
     def cancel(self) -> None:
         if not self._task.done():

@@ -349,31 +349,25 @@ def _rank(worker: Any) -> int:
     return int(getattr(worker, "rank", 0))
 
 
-def _cpu_worker_class() -> type:
-    from vllm.v1.worker.cpu_worker import CPUWorker
+def _worker_class(base: type) -> type:
+    """vLLM's worker ``base`` with the control-plane methods, installing the hooks once loaded."""
 
-    class SteerCPUWorker(SteerWorkerMixin, CPUWorker):
+    class SteerWorker(SteerWorkerMixin, base):
         def load_model(self, *args: Any, **kwargs: Any) -> None:
             super().load_model(*args, **kwargs)
             install(self.model_runner, _rank(self))
 
-    return SteerCPUWorker
-
-
-def _gpu_worker_class() -> type:
-    from vllm.v1.worker.gpu_worker import Worker
-
-    class SteerGPUWorker(SteerWorkerMixin, Worker):
-        def load_model(self, *args: Any, **kwargs: Any) -> None:
-            super().load_model(*args, **kwargs)
-            install(self.model_runner, _rank(self))
-
-    return SteerGPUWorker
+    SteerWorker.__name__ = SteerWorker.__qualname__ = f"Steer{base.__name__}"
+    return SteerWorker
 
 
 def __getattr__(name: str) -> Any:  # vLLM resolves worker_cls by qualified name, in the worker process
     if name == "SteerCPUWorker":
-        return _cpu_worker_class()
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        return _worker_class(CPUWorker)
     if name == "SteerGPUWorker":
-        return _gpu_worker_class()
+        from vllm.v1.worker.gpu_worker import Worker
+
+        return _worker_class(Worker)
     raise AttributeError(name)
