@@ -275,7 +275,9 @@ class BatchPlan:
             if e.add is not None:
                 table.add[row] = e.add  # type: ignore[index]
             if e.ablate:
-                basis = orthonormal(torch.stack(e.ablate))
+                if e.basis is None:
+                    e.basis = orthonormal(torch.stack(e.ablate))
+                basis = e.basis
                 table.ablate[row, : basis.shape[0]] = basis  # type: ignore[index]
         table.clamps = self._clamp_tables(edits)
         table.edit_rows = edit_rows.to(dev)

@@ -37,6 +37,9 @@ class LayerEdits:
     add: torch.Tensor | None = None  # sum of coef * v, [d_model]
     ablate: list[torch.Tensor] = field(default_factory=list)  # unit directions
     clamps: dict[str, dict[int, float]] = field(default_factory=dict)  # sae id -> feature -> target
+    # orthonormal basis of ``ablate``'s span: computed once by the first batch plan, reused by the next
+    # (plans are rebuilt whenever the batch changes; Gram-Schmidt per row per layer added up)
+    basis: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
