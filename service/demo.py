@@ -160,7 +160,9 @@ async def demo(model: str) -> int:
 
     started = time.perf_counter()
     console = Console(highlight=False, soft_wrap=True)
-    settings = Settings.load(None, host="127.0.0.1", port=0, metrics_port=0, model=model, redis_url=None)
+    # the HF engine: it starts in seconds, where vLLM takes about a minute for a two-request demo
+    settings = Settings.load(None, host="127.0.0.1", port=0, metrics_port=0, model=model, redis_url=None,
+                             engine="hf")
     replica = await start_replica(settings, progress=True)
     try:
         key, _ = await replica.app.store.create_key("demo", "tenant")  # in-process: straight to the store

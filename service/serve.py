@@ -127,25 +127,43 @@ def choose_engine(settings: Settings, lm: Any = None) -> str:
 
 
 async def start_engine(settings: Settings, lm: Any = None, progress: bool = False) -> tuple[Any, str, str]:
-    """(started engine, its kind, model name)."""
+    """(started engine, its kind, model name). ``auto`` falls back to the HF engine when vLLM cannot
+    serve the model (an unsupported architecture or head size, a failed canary), saying why."""
     if choose_engine(settings, lm) == "vllm":
-        if lm is not None or settings.quantize is not None:
-            raise invalid("engine", "vllm loads the model itself: no in-process model, no bitsandbytes quantize")
-        from service.engines.vllm.engine import VLLMEngine
-        from service.models import DEFAULT_MODEL_NAME, prepare_default_model
+        try:
+            return await _start_vllm(settings, lm, progress)
+        except Exception as exc:
+            if settings.engine == "vllm":
+                raise
+            log.warning("engine auto: vLLM could not serve %s (%s); using the HF engine", settings.model, exc)
+    return await asyncio.to_thread(_start_hf, settings, lm, progress)
 
-        default = settings.model == "default"
-        model_dir = await asyncio.to_thread(prepare_default_model, quiet=not progress) if default else settings.model
-        engine = VLLMEngine(model_dir, name=DEFAULT_MODEL_NAME if default else None,
-                            limits=settings.limits.engine_limits(), options=settings.vllm)
+
+async def _start_vllm(settings: Settings, lm: Any, progress: bool) -> tuple[Any, str, str]:
+    if lm is not None or settings.quantize is not None:
+        raise invalid("engine", "vllm loads the model itself: no in-process model, no bitsandbytes quantize")
+    from service.engines.vllm.engine import VLLMEngine
+    from service.models import DEFAULT_MODEL_NAME, prepare_default_model
+
+    default = settings.model == "default"
+    model_dir = await asyncio.to_thread(prepare_default_model, quiet=not progress) if default else settings.model
+    engine = VLLMEngine(model_dir, name=DEFAULT_MODEL_NAME if default else None,
+                        limits=settings.limits.engine_limits(), options=settings.vllm)
+    try:
         await engine.start()
-        return engine, "vllm", engine.lm.name
+    except BaseException:
+        await engine.astop()
+        raise
+    return engine, "vllm", engine.lm.name
+
+
+def _start_hf(settings: Settings, lm: Any, progress: bool) -> tuple[Any, str, str]:
     from service.engines.hf import HFEngine
     from service.models import load_model
 
     if lm is None:
-        lm = await asyncio.to_thread(load_model, settings.model, quantize=settings.quantize, dtype=settings.dtype,
-                                     device=settings.device, progress=progress)
+        lm = load_model(settings.model, quantize=settings.quantize, dtype=settings.dtype, device=settings.device,
+                        progress=progress)
     return HFEngine(lm, limits=settings.limits.engine_limits()).start(), "hf", lm.name
 
 

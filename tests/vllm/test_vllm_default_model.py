@@ -13,8 +13,10 @@ from service.engines.hf import HFEngine
 from service.engines.types import FinalEvent, GenerationRequest, Sampling
 from service.models import DEFAULT_MODEL_NAME, prepare_default_model
 from service.pack import load_pack, resolve_pack
-from tests.vllm.conftest import TINY, add_test_assets
+from tests.vllm.conftest import SKIP_REASON, TINY, add_test_assets
 from tests.vllm.test_vllm_engine import readings, tokens
+
+pytest.importorskip("vllm", reason=SKIP_REASON)
 
 PROMPTS = ["The capital of France is", "Pretend you're a dishonest person. Tell me about the moon.",
            "Here is a short poem about the sea:"]

