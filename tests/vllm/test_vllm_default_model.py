@@ -31,6 +31,15 @@ def _summary(evs: list[Any]) -> tuple[list[int], dict[str, list[float]]]:
     return tokens(evs), readings(evs)
 
 
+async def _serving(engine: Any, work: Any) -> Any:
+    """Start ``engine``, run ``work()``, always shut the engine down."""
+    await engine.start()
+    try:
+        return await work()
+    finally:
+        await engine.astop()
+
+
 @pytest.mark.slow
 def test_default_model_greedy_and_readings_match_hf(default_model, loop_thread):
     from service.engines.vllm.engine import VLLMEngine, VLLMOptions
@@ -53,13 +62,9 @@ def test_default_model_greedy_and_readings_match_hf(default_model, loop_thread):
                         options=VLLMOptions(dtype="float32", max_model_len=256, max_num_seqs=16, kv_cache_gb=2))
     load_pack(pack, engine.registry, model_name=DEFAULT_MODEL_NAME, d_model=engine.shape.d_model)
 
-    async def go() -> list[Any]:
-        await engine.start()
-        try:
-            return list(await asyncio.gather(*(engine.run(_req(p, s)) for s in specs for p in PROMPTS)))
-        finally:
-            await engine.astop()
-    got = [_summary(evs) for evs in loop_thread.run(go(), timeout=600)]
+    async def work() -> list[Any]:
+        return list(await asyncio.gather(*(engine.run(_req(p, s)) for s in specs for p in PROMPTS)))
+    got = [_summary(evs) for evs in loop_thread.run(_serving(engine, work), timeout=600)]
     for (w_toks, w_reads), (g_toks, g_reads) in zip(want, got, strict=True):
         assert g_toks == w_toks
         assert g_reads.keys() == w_reads.keys()
@@ -81,13 +86,9 @@ def test_hooks_survive_torch_compile(vllm_tiny_dir, hf_tiny, loop_thread):
             "reads": [{"name": "r", "kind": "direction", "source": "nudge", "layer": 2}]}
     reqs = [_req("Hello compiled world"), _req("Hello compiled world", spec)]
 
-    async def go() -> list[Any]:
-        await engine.start()
-        try:
-            return [await engine.run(r) for r in reqs]
-        finally:
-            await engine.astop()
-    got = loop_thread.run(go(), timeout=600)
+    async def work() -> list[Any]:
+        return [await engine.run(r) for r in reqs]
+    got = loop_thread.run(_serving(engine, work), timeout=600)
     assert engine.canary["plain"] != engine.canary["steered"]
     for r, evs in zip(reqs, got, strict=True):
         w_toks, w_reads = _summary(hf_tiny.run(r))
@@ -116,13 +117,9 @@ def test_tensor_parallel_ranks_steer_alike_and_rank_0_reports(vllm_tiny_dir, hf_
               "edits": [{"kind": "add", "vector": "push", "coef": 2.0, "layers": [1], "when": "g"}]}]
     reqs = [_req("Tensor parallel steering", s) for s in specs]
 
-    async def go() -> tuple[list[Any], list[dict[str, Any]]]:
-        await engine.start()
-        try:
-            return list(await asyncio.gather(*(engine.run(r) for r in reqs))), await engine.worker_stats()
-        finally:
-            await engine.astop()
-    got, stats = loop_thread.run(go(), timeout=600)
+    async def work() -> tuple[list[Any], list[dict[str, Any]]]:
+        return list(await asyncio.gather(*(engine.run(r) for r in reqs))), await engine.worker_stats()
+    got, stats = loop_thread.run(_serving(engine, work), timeout=600)
     assert len(stats) == 2 and all(s["steps"] > 0 for s in stats)  # both ranks ran the hooks
     for r, evs in zip(reqs, got, strict=True):
         w_toks, w_reads = _summary(hf_tiny.run(r))

@@ -257,6 +257,7 @@ class VLLMStream(QueuedEvents):
         self.corr = req.request_id + "-" + uuid.uuid4().hex[:12] if req.request_id else uuid.uuid4().hex
         self.seq = Sequence(req, compiled, ids, self._queue.put_nowait, engine.lm.tokenizer)
         self.num_cached_tokens: int | None = None  # prompt tokens vLLM served from its prefix cache
+        self.read_names = {r.name for r in compiled.reads}  # once per request, not per token
         engine._inflight += 1
         self._task = asyncio.create_task(self._drive(), name=f"vllm-{self.corr}")
 
@@ -326,7 +327,7 @@ class VLLMStream(QueuedEvents):
         readings: dict[str, float] = {}
         gates: list[str] = []
         if readouts is not None:
-            names = {r.name for r in self.compiled.reads}
+            names = self.read_names
             need = range(0, n) if k == 0 else range(n + k - 1, n + k)
             ok = await readouts.wait_for(need, names, self.engine.options.readout_timeout_s) if names else True
             if readouts.error is not None:

@@ -49,9 +49,8 @@ class WorkerRequest:
     corr: str
     compiled: CompiledRequest | None  # None: reads and edits nothing (or failed to compile)
     prompt_len: int
-    error: str | None = None
     reported_gates: set[int] = field(default_factory=set)
-    error_sent: bool = False
+    failed: bool = False  # its non-finite error was reported (once)
 
 
 class Steer:
@@ -162,7 +161,7 @@ class Steer:
                                         self.shape, self.limits)
                 req.compiled = None if compiled.empty else compiled
             except Exception as exc:  # refused here (e.g. an id the service has not registered yet)
-                req.error = f"worker: {exc}"
+                self._send([(req.corr, 0, {}, [], f"worker: {exc}")])  # reported at once, alone
         self.requests[rid] = req
         return req
 
@@ -187,22 +186,14 @@ class Steer:
     def end_step(self) -> None:
         """After the forward: disarm, and push this step's readings to the service (rank 0)."""
         if not self.armed:
-            self._report_errors()
             return
         self.armed = False
         self.steps += 1
         if self.socket is not None:
-            msg = self._readouts()
-            if msg:
-                self.socket.send_pyobj(msg)
+            self._send(self._readouts())
 
-    def _report_errors(self) -> None:
-        if self.socket is None:
-            return
-        msg: list[tuple[str, int, dict, list, str | None]] = [(r.corr, 0, {}, [], r.error) for r in self.requests.values() if r.error and not r.error_sent]
-        for r in self.requests.values():
-            r.error_sent = r.error_sent or bool(r.error)
-        if msg:
+    def _send(self, msg: list[tuple[str, int, dict, list, str | None]]) -> None:
+        if self.socket is not None and msg:
             self.socket.send_pyobj(msg)
 
     def _readouts(self) -> list[tuple[str, int, dict[str, list[float]], list[tuple[str, bool, int]], str | None]]:
@@ -224,10 +215,10 @@ class Steer:
             req = self.requests[rid]
             lo, n = int(starts[i]), int(layout.scheduled[i])
             values = {s.name: host[(s.layer, s.after_edits)][lo:lo + n, s.column].tolist() for s in plan.read_slots[i]}
-            error = req.error if not req.error_sent else None
-            if bad is not None and bad[lo:lo + n].any():
+            error = None
+            if bad is not None and not req.failed and bad[lo:lo + n].any():
                 error = "non-finite activations: an edit of this request is too strong for the model"
-            req.error_sent = req.error_sent or error is not None
+                req.failed = True
             if values or origins[i] or error:
                 out.append((req.corr, int(layout.computed[i]), values, origins[i], error))
         return out
