@@ -7,6 +7,7 @@ bash scripts/setup.sh || exit 1
 STEERWATCH_TEST_REDIS_URL="$(bash scripts/ensure_redis.sh)" || exit 1
 export STEERWATCH_TEST_REDIS_URL
 echo "redis for tests: $STEERWATCH_TEST_REDIS_URL"
+bash scripts/ensure_test_tools.sh
 .venv/bin/ruff check steering monitors service tests || exit 1
 .venv/bin/mypy || exit 1
 # The slow tests check the real default monitor pack: build it once (cached; a no-op afterwards).

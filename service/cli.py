@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     pass
 
 SUBCOMMANDS = ("prepare", "generate", "inspect", "explain", "vector", "bench", "extract", "train", "sae", "pack",
-               "serve", "keys", "chat", "demo")
+               "serve", "keys", "chat", "health", "demo")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.text import Text
 
+from service.health import add_arguments as add_health_arguments
 from steering.errors import invalid
 
 if TYPE_CHECKING:
@@ -51,6 +52,9 @@ def add_service_parsers(sub: Any) -> None:
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--readings", action="store_true", help="ask for per-token readings (colours the text)")
+
+    h = sub.add_parser("health", help="exit 0 when a server's gRPC health service says SERVING (container probes)")
+    add_health_arguments(h)
 
     d = sub.add_parser("demo", help="in-process server: vector, policy, monitors, steering and alerts end to end")
     d.add_argument("--model", default="default", help="'default' or a local HF checkpoint dir")
@@ -113,10 +117,16 @@ def _chat(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _health(args: argparse.Namespace) -> int:
+    from service.health import run
+
+    return run(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from service.demo import demo
 
     return asyncio.run(demo(args.model))
 
 
-SERVICE_COMMANDS = {"serve": _serve, "keys": _keys, "chat": _chat, "demo": _demo}
+SERVICE_COMMANDS = {"serve": _serve, "keys": _keys, "chat": _chat, "health": _health, "demo": _demo}

@@ -7,10 +7,17 @@ id: each distinct value is a new time series kept forever.
 
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Any]
 
 # Whole RPCs: a health check takes ~1 ms, a long generation minutes.
 RPC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -35,10 +42,14 @@ class Metrics:
         self.tpot = Histogram("steerwatch_time_per_output_token_seconds", "time per generated token after the first",
                               buckets=TPOT_BUCKETS, registry=r)
         self.generated_tokens = Counter("steerwatch_generated_tokens_total", "tokens generated", registry=r)
+        self.serving = Gauge("steerwatch_serving", "1 while the health service says SERVING (model loaded, warm-up "
+                             "done, not draining), else 0", registry=r)
         self.batch_size = Gauge("steerwatch_batch_size", "requests in the running batch", registry=r)
         self.queue_depth = Gauge("steerwatch_queue_depth", "requests waiting for a batch slot", registry=r)
         self.alerts = Counter("steerwatch_alerts_total", "monitor firings, by monitor and action",
                               ["monitor", "action"], registry=r)
+        self.responses = Counter("steerwatch_responses_total", "finished generations, by finish reason and whether "
+                                 "any monitor fired on them", ["finish_reason", "alerted"], registry=r)
         self.interventions = Counter("steerwatch_interventions_total", "steering edits applied to generations, by kind",
                                      ["kind"], registry=r)
         self._http: tuple[WSGIServer, threading.Thread] | None = None
@@ -62,6 +73,10 @@ class Metrics:
         if tokens > 1:
             self.tpot.observe(decode_seconds / (tokens - 1))
 
+    def observe_response(self, finish_reason: str, alerted: bool) -> None:
+        """A generation's final record went out (the denominator of "share of responses with alerts")."""
+        self.responses.labels(finish_reason=finish_reason, alerted="true" if alerted else "false").inc()
+
     def observe_alert(self, monitor: str, action: str) -> None:
         """A monitor fired; ``monitor`` must be a configured (policy or server) monitor name."""
         self.alerts.labels(monitor=monitor, action=action).inc()
@@ -71,11 +86,19 @@ class Metrics:
         self.interventions.labels(kind=kind).inc()
 
     # ---- /metrics --------------------------------------------------------------------
-    def start_http(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve /metrics for this registry on a daemon thread; returns the bound port (port 0 = any free)."""
+    def start_http(self, port: int, host: str = "0.0.0.0", routes: dict[str, WsgiApp] | None = None,
+                   tls: ssl.SSLContext | None = None) -> int:
+        """Serve /metrics (and ``routes``: path prefix -> WSGI app) on daemon threads; returns the bound
+        port (port 0 = any free)."""
         if self._http is not None:
             raise RuntimeError("metrics HTTP server already started")
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        app = _dispatch(make_wsgi_app(self.registry), routes or {})
+        server_class = type("Server", (ThreadingWSGIServer,), {"address_family": _family(host)})
+        server: WSGIServer = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        if tls is not None:
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
+        thread = threading.Thread(target=server.serve_forever, name="steerwatch-http", daemon=True)
+        thread.start()
         self._http = (server, thread)
         return int(server.server_port)
 
@@ -88,3 +111,30 @@ class Metrics:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def _dispatch(metrics: WsgiApp, routes: dict[str, WsgiApp]) -> WsgiApp:
+    """/metrics (and / for old scrape configs) to Prometheus; a path under a route's prefix (``/alerts``
+    owns ``/alerts`` and ``/alerts/...``) to that route; anything else 404."""
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/metrics", "/"):
+            return metrics(environ, start_response)
+        for prefix, routed in routes.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return routed(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "10")])
+        return [b"not found\n"]
+    return app
+
+
+def _family(host: str) -> socket.AddressFamily:
+    """IPv6 hosts ("::") need an AF_INET6 socket; everything else binds IPv4."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr: scrapes every few seconds would drown the server's own log."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass

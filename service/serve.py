@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import ssl
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from monitors.probes import load_probe
+from service.alert_view import PREFIX, AlertView
 from service.app import App
 from service.metrics import Metrics
 from service.policy import Policy, PolicyLimits
@@ -186,13 +188,14 @@ async def start_replica(settings: Settings, *, lm: Any = None, store: Store | No
     if store is None:
         store = await open_store(settings.redis_url, alert_maxlen=settings.alert_stream_maxlen)
     metrics = Metrics()
-    metrics_port = metrics.start_http(settings.metrics_port, settings.host)
     lim = settings.limits
     fallback = Policy(limits=PolicyLimits(max_abs_coef=lim.max_abs_coef, max_tokens=lim.max_new_tokens,
                                           default_max_tokens=lim.default_max_tokens))
     app = App(engine, store, metrics, model_name, engine_kind=kind, sae_ids=sae_ids, probe_ids=probe_ids,
               shared_vectors=shared["vector"], fallback_policy=fallback,
               request_timeout_s=lim.request_timeout_seconds)
+    metrics_port = metrics.start_http(settings.metrics_port, settings.host, routes=_http_routes(settings, store),
+                                      tls=_http_tls(settings))
     handle = build_server(settings, store, metrics, _servicers(app))
     app.draining = handle.draining
     await handle.start()
@@ -208,6 +211,21 @@ async def start_replica(settings: Settings, *, lm: Any = None, store: Store | No
     return Replica(app, handle, metrics_port, admin_key, tasks)
 
 
+def _http_routes(settings: Settings, store: Store) -> dict[str, Any]:
+    """What the metrics port serves besides /metrics."""
+    if not settings.alert_view:
+        return {}
+    return {PREFIX: AlertView(store, asyncio.get_running_loop())}
+
+
+def _http_tls(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.http_tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+    return context
+
+
 async def _warm_up(engine: Any) -> None:
     from service.engines.types import GenerationRequest, Sampling
 
@@ -218,8 +236,9 @@ async def _warm_up(engine: Any) -> None:
 async def serve_forever(settings: Settings) -> None:
     replica = await start_replica(settings, progress=True)
     replica.handle.install_signal_handlers()
+    alerts = f", alerts page :{replica.metrics_port}{PREFIX}/" if settings.alert_view else ""
     print(f"steerwatch serving {replica.app.model_name} on {settings.host}:{replica.port} "
-          f"(metrics :{replica.metrics_port}/metrics, store: {'redis' if settings.redis_url else 'in-memory'})",
+          f"(metrics :{replica.metrics_port}/metrics{alerts}, store: {'redis' if settings.redis_url else 'in-memory'})",
           file=sys.stderr)
     if replica.admin_key:
         print(f"admin API key (generated; set STEERWATCH_BOOTSTRAP_ADMIN_KEY to choose one): {replica.admin_key}",

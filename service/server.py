@@ -34,8 +34,9 @@ class ServerHandle:
     """A built server: start it, mark it serving, drain and stop it."""
 
     def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, port: int,
-                 services: list[str], settings: Settings, store: Store) -> None:
+                 services: list[str], settings: Settings, store: Store, metrics: Metrics) -> None:
         self.server = server
+        self.metrics = metrics
         self.health = health_servicer
         self.port = port  # the bound port (the real one when settings.port is 0)
         self.services = services  # the app's full service names (health and reflection excluded)
@@ -60,6 +61,8 @@ class ServerHandle:
         """Report SERVING for the server ("") and every app service; ignored once draining."""
         for name in ("", *self.services):
             await self.health.set(name, _SERVING)
+        if not self.draining.is_set():
+            self.metrics.serving.set(1)
 
     async def drain_and_stop(self, grace_seconds: float | None = None) -> None:
         """Health NOT_SERVING, then stop with a grace period (settings' grace when None). Idempotent."""
@@ -76,6 +79,7 @@ class ServerHandle:
     async def _drain(self, grace: float) -> None:
         log.info("draining: health NOT_SERVING, %.1f s grace for in-flight RPCs", grace)
         self.draining.set()
+        self.metrics.serving.set(0)
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING; later set() calls ignored
         await self.server.stop(grace)
         log.info("gRPC server stopped")
@@ -147,4 +151,4 @@ def build_server(settings: Settings, store: Store, metrics: Metrics,
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot bind the gRPC server to {address}")
-    return ServerHandle(server, health_servicer, port, services, settings, store)
+    return ServerHandle(server, health_servicer, port, services, settings, store, metrics)

@@ -149,6 +149,9 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", min_length=1, description="address the gRPC and metrics servers bind")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 = pick a free one")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 = pick a free one")
+    alert_view: bool = Field(True, description="serve the live recent-alerts page at /alerts/ on the metrics port")
+    http_tls: bool = Field(False, description="serve the metrics port (/metrics, /alerts/) over TLS with the "
+                           "gRPC certificate; the alerts page sends API keys, so use it off loopback")
     redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", description="shared store; null = in-memory")
     alert_stream_maxlen: int = Field(10_000, ge=1, le=10_000_000, description="alerts kept per tenant")
     saes: list[AssetSpec] = Field(default_factory=list, max_length=64, description="SAEs loaded at start")
@@ -172,6 +175,8 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
+        if self.http_tls and self.tls_cert_file is None:
+            raise ValueError("http_tls: needs tls_cert_file and tls_key_file")
         for kind, assets in (("saes", self.saes), ("probes", self.probes)):
             ids = [a.id for a in assets]
             if len(set(ids)) != len(ids):

@@ -126,6 +126,7 @@ class Session:
         self.rules: RuleSet[MonitorRule] = RuleSet(prepared.rules, external={r.name for r in prepared.rules if r.action == "steer"})
         self.text = ""
         self.stopped = False
+        self.alerted = False  # any monitor fired (any action): the "responses with alerts" metric
         self.prompt_ids: list[int] = []
         self.generated: list[int] = []
         self.to_explain: dict[str, Pending] = {}  # first firing of each monitor with explain: true
@@ -165,6 +166,7 @@ class Session:
         if f.rule.explain and f.rule.name not in self.to_explain:
             self.to_explain[f.rule.name] = Pending(f.rule, f.phase, f.token_end)
         self.stopped = self.stopped or action == "stop"
+        self.alerted = True
         event = chat_pb2.AlertEvent(
             monitor=f.rule.name, action=action, peak_score=f.peak, threshold=f.rule.threshold,
             token_start=f.token_start, token_end=f.token_end, excerpt=(self.text + pending)[-EXCERPT_CHARS:],
@@ -178,7 +180,7 @@ class Session:
 
     def _final(self, ev: FinalEvent, explanations: list[Any]) -> Any:
         reason = "policy" if self.stopped else ev.finish_reason
-        self._observe(ev)
+        self._observe(ev, reason)
         return chat_pb2.GenerateResponse(final=chat_pb2.FinalRecord(
             finish_reason=FINISH[reason],
             usage=chat_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
@@ -192,8 +194,9 @@ class Session:
             policy=self.prepared.policy, policy_version=self.prepared.version, request_id=current_request_id(),
             explanations=explanations))
 
-    def _observe(self, ev: FinalEvent) -> None:
+    def _observe(self, ev: FinalEvent, reason: str) -> None:
         m = self.app.metrics
+        m.observe_response(reason, self.alerted)
         decode_s = ev.total_s - ev.ttft_s if ev.ttft_s is not None else 0.0
         m.observe_generation(ev.ttft_s, ev.completion_tokens, decode_s)
         for entry in ev.applied:

@@ -126,6 +126,10 @@ class Store(ABC):
         """Entries strictly after ``after_id`` ("0" = from the start), oldest first."""
 
     @abstractmethod
+    async def latest_alerts(self, tenant: str, count: int = 50) -> list[StoredAlert]:
+        """The newest ``count`` entries, oldest first (a view that opens on the recent past)."""
+
+    @abstractmethod
     def watch_alerts(self, tenant: str, after_id: str = "$") -> AsyncIterator[StoredAlert]:
         """Live entries after ``after_id`` ("$" = only new ones), forever, in order, none lost."""
 

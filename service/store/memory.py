@@ -151,6 +151,11 @@ class MemoryStore(Store):
             raise invalid("count", f"must be >= 1, got {count}")
         return self._after(tenant, parse_stream_id(after_id))[:count]
 
+    async def latest_alerts(self, tenant: str, count: int = 50) -> list[StoredAlert]:
+        if count < 1:
+            raise invalid("count", f"must be >= 1, got {count}")
+        return [alert for _, alert in self._alerts.get(tenant, [])[-count:]]
+
     def watch_alerts(self, tenant: str, after_id: str = "$") -> AsyncIterator[StoredAlert]:
         # "$" is resolved here, at the call, not at the first iteration: nothing added later is missed.
         start = self._last_alert.get(tenant, (0, 0)) if after_id == "$" else parse_stream_id(after_id)

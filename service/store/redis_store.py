@@ -201,6 +201,12 @@ class RedisStore(Store):
         start = format_stream_id(parse_stream_id(after_id))
         return alerts_of(await self._r.xread({self._k.tenant(tenant, "alerts"): start}, count=count))
 
+    async def latest_alerts(self, tenant: str, count: int = 50) -> list[StoredAlert]:
+        if count < 1:
+            raise invalid("count", f"must be >= 1, got {count}")
+        newest_first = await self._r.xrevrange(self._k.tenant(tenant, "alerts"), "+", "-", count=count)
+        return alerts_of([(b"", list(reversed(newest_first or [])))])
+
     async def watch_alerts(self, tenant: str, after_id: str = "$") -> AsyncIterator[StoredAlert]:
         key = self._k.tenant(tenant, "alerts")
         if after_id == "$":

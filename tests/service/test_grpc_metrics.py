@@ -72,6 +72,10 @@ def test_metrics_after_traffic() -> None:
     assert _value(s, "steerwatch_alerts_total", monitor="mon", action="alert") == 5
     assert _value(s, "steerwatch_alerts_total", monitor="_request", action="annotate") == 1
     assert _value(s, "steerwatch_interventions_total", kind="add") == 6
+    # every finished generation fired a monitor: five finals, all alerted, whatever their finish reason
+    responses = s["steerwatch_responses_total"]
+    assert sum(v for lab, v in responses if lab["alerted"] == "true") == 5
+    assert sum(v for lab, v in responses if lab["alerted"] == "false") == 0
     assert _value(s, "steerwatch_generated_tokens_total") == tokens > 0
     assert _value(s, "steerwatch_time_to_first_token_seconds_count") == 5
     assert _value(s, "steerwatch_request_duration_seconds_count", method=CHAT) == 8

@@ -284,6 +284,21 @@ def test_read_alerts_pages_in_order(store: Store, run: Run[None]) -> None:
     run(body())
 
 
+def test_latest_alerts_are_the_newest_oldest_first(store: Store, run: Run[None]) -> None:
+    async def body() -> None:
+        ids = await _add_many(store, "acme", 12)
+        await _add_many(store, "globex", 3)
+        latest = await store.latest_alerts("acme", count=5)
+        assert [a.alert_id for a in latest] == ids[-5:]
+        assert [a.fields["n"] for a in latest] == ["7", "8", "9", "10", "11"]
+        assert [a.alert_id for a in await store.latest_alerts("acme", count=100)] == ids
+        assert await store.latest_alerts("initech") == []
+        with pytest.raises(InvalidArgument):
+            await store.latest_alerts("acme", count=0)
+
+    run(body())
+
+
 def test_alert_stream_is_trimmed_to_maxlen(store: Store, run: Run[None]) -> None:
     async def body() -> None:
         # Exact MAXLEN in both stores (see redis_store.py), so the bound is tight.

@@ -1,0 +1,1 @@
+"""Static files of the live alerts page (served by service/alert_view.py)."""
