@@ -96,7 +96,9 @@ class Metrics:
         server_class = type("Server", (ThreadingWSGIServer,), {"address_family": _family(host)})
         server: WSGIServer = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         if tls is not None:
-            server.socket = tls.wrap_socket(server.socket, server_side=True)
+            # the handshake happens in the request's own thread: done at accept(), one silent client
+            # would block every other connection
+            server.socket = tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
         thread = threading.Thread(target=server.serve_forever, name="steerwatch-http", daemon=True)
         thread.start()
         self._http = (server, thread)
@@ -135,6 +137,8 @@ def _family(host: str) -> socket.AddressFamily:
 
 class _QuietHandler(WSGIRequestHandler):
     """No access log on stderr: scrapes every few seconds would drown the server's own log."""
+
+    timeout = 30  # seconds a connection may sit silent before its thread gives up on it
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass

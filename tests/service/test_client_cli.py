@@ -10,7 +10,11 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
+import socket
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -157,7 +161,7 @@ def test_rpc_errors_surface_as_aio_rpc_errors() -> None:
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
-def test_client_over_tls(tmp_path: Any) -> None:
+def test_tls_on_grpc_metrics_alert_page_and_health(tmp_path: Any) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
@@ -165,13 +169,27 @@ def test_client_over_tls(tmp_path: Any) -> None:
 
     async def body() -> None:
         settings = Settings.load(None, host="127.0.0.1", port=0, metrics_port=0, tls_cert_file=str(cert),
-                                 tls_key_file=str(key))
+                                 tls_key_file=str(key), http_tls=True)
         r = await start_replica(settings, lm=tiny_llama(seed=0))
         try:
             assert r.admin_key is not None
             for root in (str(cert), cert.read_bytes()):
                 async with SteerwatchClient(f"127.0.0.1:{r.port}", r.admin_key, tls_root_cert=root) as sw:
                     assert (await sw.info()).n_layers == 2
+            # the health command, with and without the CA
+            target = ["--target", f"127.0.0.1:{r.port}", "--timeout", "5"]
+            assert await asyncio.to_thread(main, ["health", *target, "--tls-root-cert", str(cert)]) == 0
+            assert await asyncio.to_thread(main, ["health", *target]) == 1
+            # http_tls: /metrics and the alerts page only over TLS, with the same certificate
+            trusted = ssl.create_default_context(cafile=str(cert))
+            url = f"https://127.0.0.1:{r.metrics_port}"
+            silent = socket.create_connection(("127.0.0.1", r.metrics_port))  # connects, never says hello
+            for path in ("/metrics", "/alerts/"):
+                with await asyncio.to_thread(urllib.request.urlopen, url + path, timeout=5, context=trusted) as resp:
+                    assert resp.status == 200
+            with pytest.raises((urllib.error.URLError, ConnectionError)):
+                await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{r.metrics_port}/metrics", timeout=5)
+            silent.close()
         finally:
             await r.stop(0.5)
     run(body())
