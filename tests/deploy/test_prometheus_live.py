@@ -64,17 +64,26 @@ def _free_port() -> int:
 
 @contextmanager
 def prometheus(target_port: int) -> Iterator[str]:
-    """A Prometheus on a free loopback port scraping 127.0.0.1:target_port every second, with our rules."""
+    """A Prometheus scraping 127.0.0.1:target_port every second, with our rules."""
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+              "scrape_configs": [{"job_name": "steerwatch", "metrics_path": "/metrics", "static_configs": [{}]}]}
+    with prometheus_from(config, f"127.0.0.1:{target_port}") as base:
+        yield base
+
+
+@contextmanager
+def prometheus_from(config: dict[str, Any], target: str) -> Iterator[str]:
+    """A Prometheus on a free loopback port running ``config`` with its one scrape job's target set to
+    ``target`` and its rule file set to deploy/prometheus/alerts.yml; yields its base URL."""
+    (job,) = config["scrape_configs"]
+    job["static_configs"] = [{"targets": [target]}]
+    config["rule_files"] = [str(RULES_DIR / "alerts.yml")]
     with tempfile.TemporaryDirectory() as work:
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "rule_files": [str(RULES_DIR / "alerts.yml")],
-                  "scrape_configs": [{"job_name": "steerwatch", "metrics_path": "/metrics",
-                                      "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}]}
         Path(work, "prometheus.yml").write_text(yaml.safe_dump(config))
         port = _free_port()
         proc = subprocess.Popen([str(PROMETHEUS), f"--config.file={work}/prometheus.yml",
                                  f"--storage.tsdb.path={work}/data", f"--web.listen-address=127.0.0.1:{port}",
-                                 "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                 "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             yield f"http://127.0.0.1:{port}"
         finally:
