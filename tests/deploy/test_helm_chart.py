@@ -62,6 +62,18 @@ def test_the_schema_refuses_bad_values(path, bad):
         jsonschema.validate(v, schema())
 
 
+def test_an_enabled_autoscaler_needs_a_target():
+    v = copy.deepcopy(values())
+    v["autoscaling"].update(enabled=True, targetCPUUtilizationPercentage=None, targetQueueDepth=None)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(v, schema())
+    v["autoscaling"]["targetQueueDepth"] = 2  # the GPU setting: queue depth alone
+    jsonschema.validate(v, schema())
+    v["updateStrategy"] = {"type": "Blue"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(v, schema())
+
+
 def test_the_configmap_settings_load_in_the_server(tmp_path):
     """What the ConfigMap writes (host, ports, then values.settings) is valid steerwatch settings."""
     v = values()
