@@ -36,6 +36,7 @@ from typing import Any
 
 import grpc
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from service import context as ctx
 from service.metrics import Metrics
@@ -183,6 +184,9 @@ class ErrorInterceptor(_Wrapping):
             await context.abort(status_code(e.grpc_status), str(e))
         except ValidationError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {explain(e)}")
+        except RedisError as e:  # the shared store is down or failing: retryable, not a server bug
+            log.warning("store error in %s (request id %s): %s", method, ctx.current_request_id(), type(e).__name__)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the store is unavailable ({type(e).__name__}); retry later")
         except Exception:
             rid = ctx.current_request_id()
             log.exception("unexpected error in %s (request id %s)", method, rid)

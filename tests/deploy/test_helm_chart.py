@@ -121,10 +121,35 @@ def test_the_deployment_probes_grpc_health_runs_non_root_and_drains():
     pod = _skeleton(text)["spec"]["template"]["spec"]
     container = pod["containers"][0]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert "grpc" in container[probe], probe
+        assert container[probe]["timeoutSeconds"] >= 5, probe
+    assert text.count('include "steerwatch.probeHandler"') == 3
     assert {p["name"] for p in container["ports"]} == {"grpc", "metrics"}
     assert "terminationGracePeriodSeconds" in pod
     v = values()
     assert v["podSecurityContext"]["runAsNonRoot"] is True
     assert v["startupProbe"]["periodSeconds"] * v["startupProbe"]["failureThreshold"] >= 600  # model load
     assert "nvidia.com/gpu" in v["resources"]["limits"]
+
+
+def test_the_probe_handler_is_grpc_in_plaintext_and_the_verifying_health_command_with_tls():
+    """kubelet's gRPC probe cannot speak TLS: the helper's TLS branch runs `python -m service.health`
+    with the CA and the certificate's name, its plaintext branch the built-in gRPC probe."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    body = re.search(r'define "steerwatch.probeHandler" -\}\}(.*?)\{\{- end -\}\}\s*$', helpers, re.S)[1]
+    with_tls, plain = body.split("{{- else -}}")
+    plain = plain.split("{{- end -}}")[0]  # the if's own end
+    exec_branch = yaml.safe_load(re.sub(r"\{\{-? if .*?\}\}", "", with_tls).replace("{{ .Values.ports.grpc }}", "50051")
+                                 .replace("{{ .Values.tls.caKey }}", "ca.crt")
+                                 .replace('{{ .Values.tls.serverName | quote }}', '"steerwatch.internal"'))
+    command = exec_branch["exec"]["command"]
+    assert command[:3] == ["python", "-m", "service.health"]
+    assert command[command.index("--tls-root-cert") + 1] == "/etc/steerwatch/tls/ca.crt"
+    assert command[command.index("--tls-server-name") + 1] == "steerwatch.internal"
+    assert command[command.index("--target") + 1] == "127.0.0.1:50051"
+    assert yaml.safe_load(plain.replace("{{ .Values.ports.grpc }}", "50051")) == {"grpc": {"port": 50051}}
+    v = copy.deepcopy(values())
+    v["tls"].update(enabled=True, secretName="steerwatch-tls")
+    with pytest.raises(jsonschema.ValidationError):  # the probes need the certificate's name
+        jsonschema.validate(v, schema())
+    v["tls"]["serverName"] = "steerwatch.internal"
+    jsonschema.validate(v, schema())

@@ -14,13 +14,24 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import grpc
 import pytest
 
+from service.protos import policy_pb2
 from service.serve import start_replica
 from service.settings import Settings
 from service.store import open_store
 from steering.errors import Unavailable
-from tests.service.grpc_harness import direction_monitor, policy_doc, random_vector, rig, run, tiny_lm
+from tests.service.grpc_harness import (
+    Client,
+    direction_monitor,
+    policy_doc,
+    random_vector,
+    rig,
+    rpc_error,
+    run,
+    tiny_lm,
+)
 
 FIRES = -1e9  # every token exceeds it: one alert per generation
 
@@ -142,38 +153,42 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to run a private Redis")
-def test_api_answers_503_while_redis_is_down() -> None:
-    """A private Redis is stopped under a running view: the API says 503 at once, never hangs or 500s."""
+def test_while_redis_is_down_the_api_answers_503_and_rpcs_unavailable() -> None:
+    """A replica's private Redis stops: the alerts API says 503 and RPCs UNAVAILABLE (retryable) at once,
+    never a hang, a 500 or INTERNAL."""
     port = _free_port()
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
 
     async def body() -> None:
-        from service.alert_view import AlertView
-        from service.metrics import Metrics
-
         for _ in range(100):
             try:
                 store = await open_store(f"redis://127.0.0.1:{port}/0")
                 break
             except Unavailable:  # not up yet
                 await asyncio.sleep(0.05)
+        settings = Settings.load(None, host="127.0.0.1", port=0, metrics_port=0)
+        replica = await start_replica(settings, lm=tiny_lm(), store=store)
         secret, _ = await store.create_key("acme", "tenant")
-        metrics = Metrics()
-        http_port = metrics.start_http(0, "127.0.0.1", routes={"/alerts": AlertView(store, asyncio.get_running_loop())})
+        client = Client(grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}"), secret)
         try:
-            assert (await api(http_port, "", secret))[0] == 200
+            assert (await api(replica.metrics_port, "", secret))[0] == 200
+            assert await client.list_policies() == []
             proc.terminate()
             proc.wait(10)
             started = time.monotonic()
-            status, err = await api(http_port, "", secret)
+            status, err = await api(replica.metrics_port, "", secret)
             assert status == 503 and "store" in err["error"], err
-            assert time.monotonic() - started < 5
+            for call in (client.policies.ListPolicies(policy_pb2.ListPoliciesRequest(), metadata=client.md()),
+                         client.generate_call("abc", 2)):
+                code, details = await rpc_error(call)
+                assert code == grpc.StatusCode.UNAVAILABLE and "store is unavailable" in details, (code, details)
+            assert time.monotonic() - started < 10
         finally:
-            metrics.stop_http()
-            await store.close()
+            await client.channel.close()
+            await replica.stop(0)
 
     try:
-        run(body())
+        run(body(), timeout=60)
     finally:
         proc.kill()

@@ -165,7 +165,7 @@ def test_tls_on_grpc_metrics_alert_page_and_health(tmp_path: Any) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:steerwatch.internal"], check=True, capture_output=True)
 
     async def body() -> None:
         settings = Settings.load(None, host="127.0.0.1", port=0, metrics_port=0, tls_cert_file=str(cert),
@@ -180,6 +180,10 @@ def test_tls_on_grpc_metrics_alert_page_and_health(tmp_path: Any) -> None:
             target = ["--target", f"127.0.0.1:{r.port}", "--timeout", "5"]
             assert await asyncio.to_thread(main, ["health", *target, "--tls-root-cert", str(cert)]) == 0
             assert await asyncio.to_thread(main, ["health", *target]) == 1
+            # as the Helm chart's TLS probes call it: 127.0.0.1, checked under the certificate's DNS name
+            named = [*target, "--tls-root-cert", str(cert), "--tls-server-name"]
+            assert await asyncio.to_thread(main, ["health", *named, "steerwatch.internal"]) == 0
+            assert await asyncio.to_thread(main, ["health", *named, "impostor.example"]) == 1
             # http_tls: /metrics and the alerts page only over TLS, with the same certificate
             trusted = ssl.create_default_context(cafile=str(cert))
             url = f"https://127.0.0.1:{r.metrics_port}"

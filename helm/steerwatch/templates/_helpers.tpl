@@ -36,3 +36,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "steerwatch.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{/* A probe's handler. kubelet's built-in gRPC probe speaks plaintext only, so with TLS on the probe
+runs the image's own health check, which verifies the certificate against the CA in the TLS Secret
+under the certificate's own name (the probe connects to 127.0.0.1). */}}
+{{- define "steerwatch.probeHandler" -}}
+{{- if .Values.tls.enabled -}}
+exec:
+  command: ["python", "-m", "service.health", "--target", "127.0.0.1:{{ .Values.ports.grpc }}", "--timeout", "3", "--tls-root-cert", "/etc/steerwatch/tls/{{ .Values.tls.caKey }}", "--tls-server-name", {{ .Values.tls.serverName | quote }}]
+{{- else -}}
+grpc:
+  port: {{ .Values.ports.grpc }}
+{{- end -}}
+{{- end -}}
