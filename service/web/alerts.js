@@ -26,7 +26,8 @@ function cell(row, text, cls) {
 }
 
 function fmt(x) {
-  return x === null || x === undefined ? "–" : Number(x).toFixed(3);
+  if (x === null || x === undefined) return "–";
+  return Math.abs(x) >= 1e4 ? Number(x).toExponential(2) : Number(x).toFixed(3);
 }
 
 function addRow(alert, fresh) {
