@@ -27,7 +27,7 @@ from service.engines.sequence import Sequence
 from service.engines.types import Event, FinalEvent, GenerationRequest, PromptEvent, QueuedEvents
 from steering.batch import BatchPlan, row_of
 from steering.compile import ModelShape
-from steering.errors import Unavailable
+from steering.errors import LimitExceeded, Unavailable
 from steering.hooks import LayerHooks
 from steering.registry import Registry
 from steering.spec import Limits
@@ -138,7 +138,9 @@ class HFEngine:
                               max_new_tokens=self.limits.max_new_tokens, registry=self.registry, shape=self.shape,
                               limits=self.limits, hooks=self._with_hooks)
         if self._waiting.qsize() >= self.limits.max_queue:
-            raise Unavailable(f"engine: queue full ({self.limits.max_queue} waiting); retry later")
+            raise LimitExceeded(f"limits.max_queue: the server is overloaded ({self.limits.max_queue} requests "
+                                f"already wait for a batch slot); retry later or on another replica",
+                                field="limits.max_queue")
         seq = Sequence(req, compiled, ids, emit, self.lm.tokenizer)
         self._waiting.put(seq)
         self._wake_event.set()

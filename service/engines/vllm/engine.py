@@ -33,7 +33,7 @@ from service.engines.vllm.options import VLLMOptions
 from service.engines.vllm.readouts import ReadoutChannel, RequestReadouts
 from service.engines.vllm.worker import EXTRA_KEY
 from steering.compile import CompiledRequest, ModelShape
-from steering.errors import FailedPrecondition, Unavailable
+from steering.errors import FailedPrecondition, LimitExceeded, Unavailable
 from steering.registry import Registry
 from steering.spec import InterventionSpec
 
@@ -168,7 +168,9 @@ class VLLMEngine:
                               max_new_tokens=self.limits.max_new_tokens, registry=self.registry, shape=self.shape,
                               limits=self.limits, hooks=self._with_hooks)
         if self._inflight >= self.options.max_num_seqs + self.limits.max_queue:
-            raise Unavailable(f"engine: queue full ({self.limits.max_queue} waiting); retry later")
+            raise LimitExceeded(f"limits.max_queue: the server is overloaded ({self.limits.max_queue} requests "
+                                f"already wait for a batch slot); retry later or on another replica",
+                                field="limits.max_queue")
         return VLLMStream(self, req, ids, compiled)
 
     def _prompt_limit(self) -> int:
