@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.outage import AlertOutbox, OutageMode
 from service.policy import EMPTY_POLICY, Policy
 from service.state import PolicyCache, TenantVectors
 from service.store.base import Store
@@ -26,12 +27,16 @@ class App:
     draining: asyncio.Event = field(default_factory=asyncio.Event)  # set when the server starts draining
     fallback_policy: Policy = EMPTY_POLICY  # applies to tenants without a default policy
     request_timeout_s: float | None = None  # server-side cap on one generation
+    store_outage: OutageMode = "serve_cached"  # see service/outage.py
+    alert_buffer: int = 10_000  # alerts held while the store is down
     policies: PolicyCache = field(init=False)
     vectors: TenantVectors = field(init=False)
+    alerts: AlertOutbox = field(init=False)  # writes alerts to the store, queueing them through an outage
 
     def __post_init__(self) -> None:
         self.policies = PolicyCache(self.store, self.fallback_policy)
         self.vectors = TenantVectors(self.store, self.engine.registry)
+        self.alerts = AlertOutbox(self.store, self.store_outage, self.metrics, self.alert_buffer)
 
     @property
     def registry(self) -> Any:

@@ -40,8 +40,8 @@ from redis.exceptions import RedisError
 
 from service import context as ctx
 from service.metrics import Metrics
+from service.outage import KeyMemory
 from service.settings import explain
-from service.store.base import Store
 from steering.errors import SteerwatchError
 
 log = logging.getLogger(__name__)
@@ -196,8 +196,8 @@ class ErrorInterceptor(_Wrapping):
 class AuthInterceptor(_Wrapping):
     """Resolves the API key (``x-api-key`` or ``authorization: Bearer``) to a principal via the store."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, keys: KeyMemory) -> None:
+        self.keys = keys
 
     def applies(self, method: str) -> bool:
         return not method.startswith(EXEMPT_FROM_AUTH)  # probes and tooling work without a key
@@ -206,7 +206,7 @@ class AuthInterceptor(_Wrapping):
         key = api_key(context)
         if not key:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing API key: send it as x-api-key metadata")
-        principal = await self.store.authenticate(key or "")
+        principal = await self.keys.authenticate(key or "")
         if principal is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked API key")
         ctx.principal.set(principal)

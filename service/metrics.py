@@ -50,6 +50,10 @@ class Metrics:
                               ["monitor", "action"], registry=r)
         self.responses = Counter("steerwatch_responses_total", "finished generations, by finish reason and whether "
                                  "any monitor fired on them", ["finish_reason", "alerted"], registry=r)
+        self.alert_backlog = Gauge("steerwatch_alert_backlog", "alerts waiting for the store (it was unavailable)",
+                                   registry=r)
+        self.store_errors = Counter("steerwatch_store_errors_total", "store calls that failed (Redis down or "
+                                    "unreachable), by operation", ["operation"], registry=r)
         self.interventions = Counter("steerwatch_interventions_total", "steering edits applied to generations, by kind",
                                      ["kind"], registry=r)
         self._http: tuple[WSGIServer, threading.Thread] | None = None

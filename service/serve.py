@@ -61,6 +61,7 @@ class Replica:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await stop_engine(self.app.engine)
+        await self.app.alerts.close()
         await self.app.store.close()
         await asyncio.to_thread(self.app.metrics.stop_http)
 
@@ -193,7 +194,8 @@ async def start_replica(settings: Settings, *, lm: Any = None, store: Store | No
                                           default_max_tokens=lim.default_max_tokens))
     app = App(engine, store, metrics, model_name, engine_kind=kind, sae_ids=sae_ids, probe_ids=probe_ids,
               shared_vectors=shared["vector"], fallback_policy=fallback,
-              request_timeout_s=lim.request_timeout_seconds)
+              request_timeout_s=lim.request_timeout_seconds,
+              store_outage=settings.store_outage, alert_buffer=lim.alert_buffer)
     metrics_port = metrics.start_http(settings.metrics_port, settings.host, routes=_http_routes(settings, store),
                                       tls=_http_tls(settings))
     handle = build_server(settings, store, metrics, _servicers(app))

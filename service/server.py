@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, RequestIdInterceptor
 from service.metrics import Metrics
+from service.outage import KeyMemory
 from service.settings import Settings
 from service.store.base import Store
 
@@ -137,7 +138,7 @@ def build_server(settings: Settings, store: Store, metrics: Metrics,
         MetricsInterceptor(metrics),
         RequestIdInterceptor(),
         ErrorInterceptor(),
-        AuthInterceptor(store),
+        AuthInterceptor(KeyMemory(store, settings.store_outage, metrics)),
     ]
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings),
                              maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs)

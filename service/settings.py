@@ -115,6 +115,8 @@ class ServerLimits(_Strict):
     max_message_bytes: int = Field(4 * MiB, ge=1024, le=1024 * MiB, description="largest gRPC message, each way")
     max_concurrent_rpcs: int = Field(256, ge=1, le=100_000, description="RPCs served at once (more wait)")
     grace_seconds: float = Field(10.0, ge=0, le=3600, description="time in-flight RPCs get on shutdown")
+    alert_buffer: int = Field(10_000, ge=1, le=10_000_000,
+                              description="alerts held in memory while the store is down (store_outage: serve_cached)")
     request_timeout_seconds: float | None = Field(
         None, gt=0, le=86_400, description="cap on any RPC's deadline; null = the client's deadline only")
 
@@ -152,6 +154,9 @@ class Settings(BaseSettings):
     alert_view: bool = Field(True, description="serve the live recent-alerts page at /alerts/ on the metrics port")
     http_tls: bool = Field(False, description="serve the metrics port (/metrics, /alerts/) over TLS with the "
                            "gRPC certificate; the alerts page sends API keys, so use it off loopback")
+    store_outage: Literal["serve_cached", "fail_closed"] = Field(
+        "serve_cached", description="while Redis is down: serve on cached keys and policies and queue alerts, "
+        "or fail every request that needs the store (service/outage.py)")
     redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", description="shared store; null = in-memory")
     alert_stream_maxlen: int = Field(10_000, ge=1, le=10_000_000, description="alerts kept per tenant")
     saes: list[AssetSpec] = Field(default_factory=list, max_length=64, description="SAEs loaded at start")

@@ -123,6 +123,7 @@ async def follow_invalidations(store: Store, policies: PolicyCache, vectors: Ten
                     vectors.invalidate(tenant, name)
         except asyncio.CancelledError:
             raise
-        except Exception:  # the store reconnects on the next subscription; caches are dropped then
-            log.exception("invalidation stream broke; resubscribing")
+        except Exception as exc:  # the store reconnects on the next subscription; caches are dropped then
+            # no traceback: during a store outage this repeats every second
+            log.warning("invalidation stream broke (%s: %s); resubscribing", type(exc).__name__, exc)
             await asyncio.sleep(1.0)

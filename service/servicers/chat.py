@@ -173,7 +173,7 @@ class Session:
             timestamp_ms=int(time.time() * 1000), request_id=current_request_id(), policy=self.prepared.policy,
             value=f.value, phase=f.phase, aggregation=f.rule.aggregation)
         if action != "annotate":
-            event.alert_id = await self.app.store.add_alert(self.tenant, _fields(event))
+            event.alert_id = await self.app.alerts.add(self.tenant, _fields(event))  # "" = queued: store down
         label = "_request" if f.rule.name in self.prepared.request_monitors else f.rule.name
         self.app.metrics.observe_alert(label, action)
         return chat_pb2.GenerateResponse(alert=event)
