@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from service.outage import AlertOutbox, OutageMode
@@ -37,6 +38,12 @@ class App:
         self.policies = PolicyCache(self.store, self.fallback_policy)
         self.vectors = TenantVectors(self.store, self.engine.registry)
         self.alerts = AlertOutbox(self.store, self.store_outage, self.metrics, self.alert_buffer)
+
+    @cached_property
+    def label_sources(self) -> frozenset[str]:
+        """Asset ids the operator loaded (server SAEs and probes, the monitor pack): the only monitor
+        sources that may become metric label values; everything tenants name stays out of labels."""
+        return frozenset(self.sae_ids) | frozenset(self.probe_ids) | frozenset(self.shared_vectors)
 
     @property
     def registry(self) -> Any:

@@ -1,8 +1,9 @@
 """Prometheus metrics of one server, on a registry of its own (tests build several side by side).
 
-Label values come only from bounded sets: RPC method names, status code names, monitor names from the
-server's configuration or tenant policies, actions and steering kinds. Never a tenant, key or request
-id: each distinct value is a new time series kept forever.
+Label values come only from bounded sets: RPC method names, status code names, the ids of monitor
+sources the operator loaded (or ``_tenant`` / ``_request``), actions, steering kinds and finish reasons.
+Never a tenant, key, request id or any other tenant-chosen string: each distinct value is a new time
+series kept forever.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Metrics:
         self.responses.labels(finish_reason=finish_reason, alerted="true" if alerted else "false").inc()
 
     def observe_alert(self, monitor: str, action: str) -> None:
-        """A monitor fired; ``monitor`` must be a configured (policy or server) monitor name."""
+        """A monitor fired; ``monitor`` is an operator-loaded source id, ``_tenant`` or ``_request``."""
         self.alerts.labels(monitor=monitor, action=action).inc()
 
     def observe_intervention(self, kind: str) -> None:

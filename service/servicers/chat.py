@@ -174,9 +174,17 @@ class Session:
             value=f.value, phase=f.phase, aggregation=f.rule.aggregation)
         if action != "annotate":
             event.alert_id = await self.app.alerts.add(self.tenant, _fields(event))  # "" = queued: store down
-        label = "_request" if f.rule.name in self.prepared.request_monitors else f.rule.name
-        self.app.metrics.observe_alert(label, action)
+        self.app.metrics.observe_alert(self._label(f.rule), action)
         return chat_pb2.GenerateResponse(alert=event)
+
+    def _label(self, rule: MonitorRule) -> str:
+        """The monitor's metric label: never a tenant-chosen string (names, vector ids), which would make
+        one time series per tenant whim. An operator-loaded source (``pack:deception``, a server probe
+        or SAE id) names itself; other policy monitors are ``_tenant``, request monitors ``_request``."""
+        if rule.name in self.prepared.request_monitors:
+            return "_request"
+        source = unscoped(rule.source)
+        return source if source in self.app.label_sources else "_tenant"
 
     def _final(self, ev: FinalEvent, explanations: list[Any]) -> Any:
         reason = "policy" if self.stopped else ev.finish_reason

@@ -88,7 +88,7 @@ def test_the_stack_natively_serves_alerts_metrics_and_drains(tmp_path: Path) -> 
 
         config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
         with prometheus_from(config, f"127.0.0.1:{http_port}") as base:
-            series = wait_until(lambda: query(base, 'steerwatch_alerts_total{monitor="deception"}'),
+            series = wait_until(lambda: query(base, 'steerwatch_alerts_total{monitor="pack:deception"}'),
                                 "the alerts counter in Prometheus", 90)
             assert float(series[0]["value"][1]) == len(alerts)
             assert float(query(base, "steerwatch_serving")[0]["value"][1]) == 1

@@ -69,7 +69,7 @@ def test_metrics_after_traffic() -> None:
     assert _value(s, "steerwatch_requests_total", method=CHAT, code="UNAUTHENTICATED") == 1
     assert _value(s, "steerwatch_requests_total", method="/steerwatch.v1.PolicyService/PutPolicy", code="OK") == 2
     assert _value(s, "steerwatch_requests_total", method="/steerwatch.v1.VectorService/UploadVector", code="OK") == 2
-    assert _value(s, "steerwatch_alerts_total", monitor="mon", action="alert") == 5
+    assert _value(s, "steerwatch_alerts_total", monitor="_tenant", action="alert") == 5  # a tenant's vector
     assert _value(s, "steerwatch_alerts_total", monitor="_request", action="annotate") == 1
     assert _value(s, "steerwatch_interventions_total", kind="add") == 6
     # every finished generation fired a monitor: five finals, all alerted, whatever their finish reason
@@ -82,7 +82,7 @@ def test_metrics_after_traffic() -> None:
     assert {lab["method"] for lab, _ in s["steerwatch_requests_total"]} <= {
         CHAT, "/steerwatch.v1.PolicyService/PutPolicy", "/steerwatch.v1.VectorService/UploadVector"}
 
-    secrets = [*TENANTS, *request_ids, *keys, PRIVATE_MONITOR, "acme"]
+    secrets = [*TENANTS, *request_ids, *keys, PRIVATE_MONITOR, "acme", "mon"]  # "mon": a policy monitor's name
     for name, samples in s.items():
         for labels, _ in samples:
             for value in labels.values():
