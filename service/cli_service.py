@@ -47,6 +47,8 @@ def add_service_parsers(sub: Any) -> None:
     c.add_argument("--api-key", default=os.environ.get("STEERWATCH_API_KEY"),
                    help="API key (default: $STEERWATCH_API_KEY)")
     c.add_argument("--tls-root-cert", default=None, help="PEM file of the server's CA: connect with TLS")
+    c.add_argument("--tls-client-cert", default=None, help="PEM client certificate (servers requiring mutual TLS)")
+    c.add_argument("--tls-client-key", default=None, help="PEM private key of --tls-client-cert")
     c.add_argument("--policy", default="", help="policy name (default: the tenant's default policy)")
     c.add_argument("--max-tokens", type=int, default=0, help="0 = the policy's default")
     c.add_argument("--temperature", type=float, default=0.0)
@@ -111,7 +113,8 @@ def _chat(args: argparse.Namespace) -> int:
                "seed": args.seed, "include_readings": args.readings}
 
     async def run() -> int:
-        async with SteerwatchClient(args.target, args.api_key, tls_root_cert=args.tls_root_cert) as client:
+        async with SteerwatchClient(args.target, args.api_key, tls_root_cert=args.tls_root_cert,
+                                    tls_client_cert=args.tls_client_cert, tls_client_key=args.tls_client_key) as client:
             return await chat(client, args.prompt, **options)
 
     return asyncio.run(run())

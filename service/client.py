@@ -135,16 +135,28 @@ def _pair(p: Any, i: int) -> Any:
     raise invalid(f"pairs[{i}]", "expected (positive, negative), a mapping or a TextPair")
 
 
+def client_identity(cert: str | os.PathLike[str] | None, key: str | os.PathLike[str] | None) -> dict[str, bytes]:
+    """grpc.ssl_channel_credentials' arguments for a client certificate (both files or neither)."""
+    if (cert is None) != (key is None):
+        raise invalid("tls_client_cert", "and tls_client_key go together: give both or neither")
+    if cert is None or key is None:
+        return {}
+    return {"certificate_chain": Path(cert).read_bytes(), "private_key": Path(key).read_bytes()}
+
+
 class SteerwatchClient:
     """One channel to a steerwatch server, authenticated with an API key (sent as ``x-api-key``).
 
     ``tls_root_cert`` (PEM bytes or a file path) switches to TLS; ``tls=True`` uses the system roots.
+    ``tls_client_cert`` and ``tls_client_key`` (PEM files) present a client certificate (mutual TLS).
     ``timeout`` (seconds) is the deadline of every call except ``watch_alerts``, which runs until
     cancelled unless given a timeout of its own.
     """
 
     def __init__(self, target: str, api_key: str, *, tls_root_cert: bytes | str | os.PathLike[str] | None = None,
                  tls: bool = False, timeout: float | None = None,
+                 tls_client_cert: str | os.PathLike[str] | None = None,
+                 tls_client_key: str | os.PathLike[str] | None = None,
                  options: Sequence[tuple[str, Any]] = ()) -> None:
         if not api_key:
             raise invalid("api_key", "is empty; pass the key the server or `steerwatch keys create` gave you")
@@ -152,7 +164,8 @@ class SteerwatchClient:
         self._metadata = (("x-api-key", api_key),)
         if tls_root_cert is not None or tls:
             roots = tls_root_cert if isinstance(tls_root_cert, bytes | None) else Path(tls_root_cert).read_bytes()
-            creds = grpc.ssl_channel_credentials(root_certificates=roots)
+            creds = grpc.ssl_channel_credentials(root_certificates=roots, **client_identity(tls_client_cert,
+                                                                                             tls_client_key))
             self.channel = grpc.aio.secure_channel(target, creds, options=list(options))
         else:
             self.channel = grpc.aio.insecure_channel(target, options=list(options))

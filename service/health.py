@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--service", default="", help="health service name ('' = the whole server)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     p.add_argument("--tls-root-cert", default=None, help="PEM file of the server's CA: connect with TLS")
+    p.add_argument("--tls-client-cert", default=None, help="PEM client certificate (servers requiring mutual TLS)")
+    p.add_argument("--tls-client-key", default=None, help="PEM private key of --tls-client-cert")
     p.add_argument("--tls-server-name", default=None,
                    help="name to check the server certificate against when it differs from the target's host")
 
@@ -30,7 +32,12 @@ async def check(args: Any) -> str:
     options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
     if args.tls_root_cert:
         with open(args.tls_root_cert, "rb") as f:
-            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+            roots = f.read()
+        identity = {}
+        if args.tls_client_cert and args.tls_client_key:
+            with open(args.tls_client_cert, "rb") as c, open(args.tls_client_key, "rb") as k:
+                identity = {"certificate_chain": c.read(), "private_key": k.read()}
+        creds = grpc.ssl_channel_credentials(root_certificates=roots, **identity)
         channel = grpc.aio.secure_channel(args.target, creds, options=options)
     else:
         channel = grpc.aio.insecure_channel(args.target)

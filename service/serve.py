@@ -225,6 +225,9 @@ def _http_tls(settings: Settings) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+    if settings.tls_client_ca_file is not None:  # mutual TLS here too, like the gRPC port
+        context.load_verify_locations(cafile=str(settings.tls_client_ca_file))
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 

@@ -124,7 +124,11 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
     pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
-    return grpc.ssl_server_credentials([pair])
+    if settings.tls_client_ca_file is None:
+        return grpc.ssl_server_credentials([pair])
+    # mutual TLS: the handshake itself refuses a client without a certificate from this CA
+    return grpc.ssl_server_credentials([pair], root_certificates=settings.tls_client_ca_file.read_bytes(),
+                                       require_client_auth=True)
 
 
 def build_server(settings: Settings, store: Store, metrics: Metrics,

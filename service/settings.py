@@ -165,6 +165,8 @@ class Settings(BaseSettings):
                               "or a pack directory; its assets are shared as pack:<name> ids")
     tls_cert_file: FilePath | None = Field(None, description="PEM certificate chain; with tls_key_file")
     tls_key_file: FilePath | None = Field(None, description="PEM private key; with tls_cert_file")
+    tls_client_ca_file: FilePath | None = Field(
+        None, description="PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
     bootstrap_admin_key: SecretStr | None = Field(None, description="admin API key added at start (16+ characters)")
     limits: ServerLimits = Field(default_factory=ServerLimits, description="engine and transport bounds")
 
@@ -180,6 +182,8 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file: needs tls_cert_file and tls_key_file (mutual TLS is TLS first)")
         if self.http_tls and self.tls_cert_file is None:
             raise ValueError("http_tls: needs tls_cert_file and tls_key_file")
         for kind, assets in (("saes", self.saes), ("probes", self.probes)):
