@@ -9,6 +9,7 @@ from typing import Any
 
 from service.outage import AlertOutbox, OutageMode
 from service.policy import EMPTY_POLICY, Policy
+from service.quotas import TenantStreams
 from service.state import PolicyCache, TenantVectors
 from service.store.base import Store
 
@@ -30,14 +31,18 @@ class App:
     request_timeout_s: float | None = None  # server-side cap on one generation
     store_outage: OutageMode = "serve_cached"  # see service/outage.py
     alert_buffer: int = 10_000  # alerts held while the store is down
+    max_streams_per_tenant: int = 64  # Generate + WatchAlerts streams per tenant on this replica
+    max_watch_s: float = 3600.0  # a WatchAlerts stream ends after this (the client resumes with after_id)
     policies: PolicyCache = field(init=False)
     vectors: TenantVectors = field(init=False)
     alerts: AlertOutbox = field(init=False)  # writes alerts to the store, queueing them through an outage
+    streams: TenantStreams = field(init=False)
 
     def __post_init__(self) -> None:
         self.policies = PolicyCache(self.store, self.fallback_policy)
         self.vectors = TenantVectors(self.store, self.engine.registry)
         self.alerts = AlertOutbox(self.store, self.store_outage, self.metrics, self.alert_buffer)
+        self.streams = TenantStreams(self.max_streams_per_tenant)
 
     @cached_property
     def label_sources(self) -> frozenset[str]:

@@ -195,7 +195,8 @@ async def start_replica(settings: Settings, *, lm: Any = None, store: Store | No
     app = App(engine, store, metrics, model_name, engine_kind=kind, sae_ids=sae_ids, probe_ids=probe_ids,
               shared_vectors=shared["vector"], fallback_policy=fallback,
               request_timeout_s=lim.request_timeout_seconds,
-              store_outage=settings.store_outage, alert_buffer=lim.alert_buffer)
+              store_outage=settings.store_outage, alert_buffer=lim.alert_buffer,
+              max_streams_per_tenant=lim.max_streams_per_tenant, max_watch_s=lim.max_watch_seconds)
     metrics_port = metrics.start_http(settings.metrics_port, settings.host, routes=_http_routes(settings, store),
                                       tls=_http_tls(settings))
     handle = build_server(settings, store, metrics, _servicers(app))

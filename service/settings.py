@@ -114,6 +114,10 @@ class ServerLimits(_Strict):
     max_abs_coef: float = Field(16.0, gt=0, le=10_000, description="largest |coef| of an addition, any policy")
     max_message_bytes: int = Field(4 * MiB, ge=1024, le=1024 * MiB, description="largest gRPC message, each way")
     max_concurrent_rpcs: int = Field(256, ge=1, le=100_000, description="RPCs served at once (more wait)")
+    max_streams_per_tenant: int = Field(64, ge=1, le=100_000,
+                                        description="Generate + WatchAlerts streams one tenant may hold open")
+    max_watch_seconds: float = Field(3600.0, gt=0, le=86_400 * 7,
+                                     description="a WatchAlerts stream ends (OK) after this; resume with after_id")
     grace_seconds: float = Field(10.0, ge=0, le=3600, description="time in-flight RPCs get on shutdown")
     alert_buffer: int = Field(10_000, ge=1, le=10_000_000,
                               description="alerts held in memory while the store is down (store_outage: serve_cached)")

@@ -210,14 +210,23 @@ class AlertServicer(_AlertServicerBase):
         after = request.after_id or "$"
         if after not in ("$", "0") and not _is_stream_id(after):
             raise invalid("after_id", f"{after!r} is not an alert id (<ms>-<seq>), '0' or empty")
-        # an endless stream: it ends when the server drains, so it never holds shutdown for the full grace
+        with self.app.streams.slot(tenant):
+            async for alert in self._watch(tenant, after):
+                yield alert
+
+    async def _watch(self, tenant: str, after: str) -> AsyncIterator[Any]:
+        # endless but bounded: it ends when the server drains (so it never holds shutdown for the full
+        # grace) or after limits.max_watch_seconds (the client resumes from its last alert_id)
         alerts = self.app.store.watch_alerts(tenant, after).__aiter__()
         drain = asyncio.ensure_future(self.app.draining.wait())
+        deadline = asyncio.get_running_loop().time() + self.app.max_watch_s
         nxt: asyncio.Future[Any] | None = None
         try:
             while True:
                 nxt = asyncio.ensure_future(alerts.__anext__())
-                done, _ = await asyncio.wait({nxt, drain}, return_when=asyncio.FIRST_COMPLETED)
+                remaining = deadline - asyncio.get_running_loop().time()
+                done, _ = await asyncio.wait({nxt, drain}, timeout=max(remaining, 0.0),
+                                             return_when=asyncio.FIRST_COMPLETED)
                 if nxt not in done:
                     return
                 try:

@@ -50,6 +50,11 @@ class ChatServicer(_ChatServicerBase):
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802 - gRPC name
         tenant = current_principal().tenant
+        with self.app.streams.slot(tenant):
+            async for response in self._generate(tenant, request):
+                yield response
+
+    async def _generate(self, tenant: str, request: Any) -> AsyncIterator[Any]:
         prepared = await self._prepare(tenant, request)
         session = Session(self.app, tenant, prepared, request.include_readings)
         try:
