@@ -46,8 +46,8 @@ def _free_port() -> int:
 class PrivateRedis:
     """A redis-server on a free port whose data (AOF) survives stop() and start()."""
 
-    def __init__(self, directory: str) -> None:
-        self.port, self.dir = _free_port(), directory
+    def __init__(self, directory: str, *extra: str) -> None:
+        self.port, self.dir, self.extra = _free_port(), directory, list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,7 +56,7 @@ class PrivateRedis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir],
+                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir, *self.extra],
                                      stdout=subprocess.DEVNULL)
 
     def stop(self) -> None:
@@ -66,9 +66,10 @@ class PrivateRedis:
 
 
 @contextmanager
-def private_redis() -> Iterator[PrivateRedis]:
+def private_redis(*extra: str) -> Iterator[PrivateRedis]:
+    """A started PrivateRedis; ``extra``: more redis-server arguments."""
     with tempfile.TemporaryDirectory() as directory:
-        redis = PrivateRedis(directory)
+        redis = PrivateRedis(directory, *extra)
         redis.start()
         try:
             yield redis
