@@ -208,7 +208,8 @@ async def start_replica(settings: Settings, *, lm: Any = None, store: Store | No
         # (with Redis, keys outlive the process: create them with `steerwatch keys create`)
         admin_key = "sw_admin_" + secrets.token_urlsafe(24)
         await store.add_key(admin_key, "admin", "admin")
-    tasks = [asyncio.create_task(follow_invalidations(store, app.policies, app.vectors))]
+    tasks = [asyncio.create_task(follow_invalidations(store, app.policies, app.vectors)),
+             asyncio.create_task(watch_engine(engine, handle))]
     await _warm_up(engine)
     await handle.set_serving()
     return Replica(app, handle, metrics_port, admin_key, tasks)
@@ -230,6 +231,16 @@ def _http_tls(settings: Settings) -> ssl.SSLContext | None:
         context.load_verify_locations(cafile=str(settings.tls_client_ca_file))
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+async def watch_engine(engine: Any, handle: ServerHandle, period_s: float = 1.0) -> None:
+    """An engine that died turns health NOT_SERVING (load balancers and probes stop sending traffic; the
+    liveness probe restarts the pod) and ends the requests it held with an error."""
+    while engine.alive:
+        await asyncio.sleep(period_s)
+    log.error("the engine died: health NOT_SERVING, open requests end with an error")
+    await handle.set_not_serving()
+    engine.abandon()
 
 
 async def _warm_up(engine: Any) -> None:

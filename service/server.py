@@ -65,6 +65,12 @@ class ServerHandle:
         if not self.draining.is_set():
             self.metrics.serving.set(1)
 
+    async def set_not_serving(self) -> None:
+        """Report NOT_SERVING everywhere (the engine died); the server keeps answering health and refusals."""
+        for name in ("", *self.services):
+            await self.health.set(name, _NOT_SERVING)
+        self.metrics.serving.set(0)
+
     async def drain_and_stop(self, grace_seconds: float | None = None) -> None:
         """Health NOT_SERVING, then stop with a grace period (settings' grace when None). Idempotent."""
         # Shielded: a caller cancelled mid-drain (a signal handler's task, a test) must not abort the stop.

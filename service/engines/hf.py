@@ -122,6 +122,16 @@ class HFEngine:
         self.stop()
 
     @property
+    def alive(self) -> bool:
+        """The engine thread runs. It survives a failing step; it dies only of something fatal."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def abandon(self) -> None:
+        """After the engine thread died: end every request it held, so no stream waits forever."""
+        if not self.alive:
+            self._end_all_on_stop()
+
+    @property
     def running(self) -> int:
         return len(self._running)
 
@@ -134,6 +144,8 @@ class HFEngine:
         """Validate and enqueue ``req``; events go to ``emit`` (called on the engine thread)."""
         if self._stop.is_set():
             raise Unavailable("engine: shutting down; retry on another replica")
+        if not self.alive:
+            raise Unavailable("engine: not running (it stopped or failed); retry on another replica")
         ids, compiled = admit(req, tokenizer=self.lm.tokenizer, max_prompt_tokens=self.limits.max_prompt_tokens,
                               max_new_tokens=self.limits.max_new_tokens, registry=self.registry, shape=self.shape,
                               limits=self.limits, hooks=self._with_hooks)

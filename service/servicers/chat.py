@@ -205,7 +205,7 @@ class Session:
             timings=chat_pb2.Timings(queue_seconds=ev.queue_s, ttft_seconds=ev.ttft_s or 0.0, total_seconds=ev.total_s),
             text=self.text if self.stopped else ev.text, tail="" if self.stopped else ev.tail,
             policy=self.prepared.policy, policy_version=self.prepared.version, request_id=current_request_id(),
-            explanations=explanations))
+            explanations=explanations, error=ev.error or ""))
 
     def _observe(self, ev: FinalEvent, reason: str) -> None:
         m = self.app.metrics

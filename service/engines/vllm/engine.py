@@ -128,6 +128,14 @@ class VLLMEngine:
             self.llm = None
 
     @property
+    def alive(self) -> bool:
+        """vLLM's engine core and output loop run (AsyncLLM.errored turns True when either died)."""
+        return self.llm is not None and not self.llm.errored
+
+    def abandon(self) -> None:
+        """Nothing to do: vLLM ends every open stream with EngineDeadError itself."""
+
+    @property
     def running(self) -> int:
         return self._inflight
 
