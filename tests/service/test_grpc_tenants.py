@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import pytest
 
-from service.protos import chat_pb2
+from service.protos import alert_pb2, chat_pb2, model_pb2, policy_pb2, vector_pb2
 from tests.service.grpc_harness import (
     STORES,
     Client,
@@ -30,6 +30,18 @@ NOT_FOUND, DENIED = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED
 FIRES = -1e9  # every token exceeds it
 
 
+def _tenant_scoped_rpcs() -> set[str]:
+    """Every RPC of the API whose request message has a ``tenant`` field (from the proto descriptors)."""
+    out = set()
+    for module in (chat_pb2, policy_pb2, vector_pb2, alert_pb2, model_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            out |= {m.name for m in service.methods if "tenant" in m.input_type.fields_by_name}
+    return out
+
+
+TENANT_SCOPED_RPCS = _tenant_scoped_rpcs()
+
+
 async def _acting_for(c: Client, tenant: str) -> list[tuple[str, grpc.StatusCode, str]]:
     """Every tenant-scoped RPC naming ``tenant``: (rpc, code, details) of each failure."""
     calls = {
@@ -42,7 +54,11 @@ async def _acting_for(c: Client, tenant: str) -> list[tuple[str, grpc.StatusCode
         "ListVectors": c.list_vectors(tenant=tenant),
         "DeleteVector": c.delete_vector("va", tenant=tenant),
         "WatchAlerts": c.watch(after_id="0", tenant=tenant),
+        "CreateVectorFromPairs": c.vectors.CreateVectorFromPairs(vector_pb2.CreateVectorFromPairsRequest(
+            vector_id="x", layers=[1], pairs=[vector_pb2.TextPair(positive="yes", negative="no")], tenant=tenant),
+            metadata=c.md()),
     }
+    assert set(calls) == TENANT_SCOPED_RPCS, "every RPC whose request names a tenant must be checked here"
     out = []
     for name, call in calls.items():
         code, details = await rpc_error(call)
