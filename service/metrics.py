@@ -98,7 +98,7 @@ class Metrics:
         if self._http is not None:
             raise RuntimeError("metrics HTTP server already started")
         app = _dispatch(make_wsgi_app(self.registry), routes or {})
-        server_class = type("Server", (ThreadingWSGIServer,), {"address_family": _family(host)})
+        server_class = type("Server", (_BoundedServer,), {"address_family": _family(host)})
         server: WSGIServer = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         if tls is not None:
             # the handshake happens in the request's own thread: done at accept(), one silent client
@@ -138,6 +138,35 @@ def _dispatch(metrics: WsgiApp, routes: dict[str, WsgiApp]) -> WsgiApp:
 def _family(host: str) -> socket.AddressFamily:
     """IPv6 hosts ("::") need an AF_INET6 socket; everything else binds IPv4."""
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """A thread per connection, at most ``max_connections`` at once: beyond that a connection is answered
+    503 and closed on the spot, so a flood of (idle) connections cannot pile up threads without end."""
+
+    max_connections = 64
+    request_queue_size = 128  # the listen backlog (socketserver's 5 drops SYNs under a burst of scrapes)
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            if not isinstance(request, ssl.SSLSocket):  # over TLS a write would wait for the handshake
+                try:
+                    request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass  # the peer is gone already
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _QuietHandler(WSGIRequestHandler):

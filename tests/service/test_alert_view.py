@@ -192,3 +192,27 @@ def test_while_redis_is_down_the_api_answers_503_and_rpcs_unavailable() -> None:
         run(body(), timeout=60)
     finally:
         proc.kill()
+
+
+def test_the_http_port_bounds_its_connections() -> None:
+    """Idle connections beyond the bound are answered 503 at once instead of each holding a thread; once
+    they go, the port serves again."""
+    async def body() -> None:
+        from service.metrics import Metrics, _BoundedServer
+
+        metrics = Metrics()
+        port = metrics.start_http(0, "127.0.0.1")
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(_BoundedServer.max_connections)]
+        try:
+            await asyncio.sleep(0.2)
+            status, _, _ = await asyncio.to_thread(http, port, "/metrics")
+            assert status == 503
+        finally:
+            for s in idle:
+                s.close()
+        await asyncio.sleep(0.2)
+        status, _, body = await asyncio.to_thread(http, port, "/metrics")
+        assert status == 200 and b"steerwatch_requests_total" in body
+        await asyncio.to_thread(metrics.stop_http)
+
+    run(body())
