@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import math
 import os
-import statistics
 import sys
 import time
 import uuid
@@ -549,8 +548,8 @@ async def default_tenants(target: str, store: Store, *, prefix: str = "load", ma
     * ``<prefix>-a``: the pack's deception probe (its calibrated threshold, action ``alert``, one alert per
       episode) and ``-4 x pack:sycophancy`` at layer 12; its requests ask for per-token readings;
     * ``<prefix>-b``: a direction monitor on a vector it uploads (a random unit direction at the middle
-      layer) with an EMA rule (alpha 0.3) and action ``stop``; the threshold is the median of the peak
-      EMA over a few calibration generations, so about half of the requests are stopped;
+      layer) with an EMA rule (alpha 0.3) and action ``stop``; the threshold is the lower quartile of the
+      peak EMA over a few calibration generations, so most requests are stopped, some mid-stream;
     * ``<prefix>-c``: an SAE-feature monitor on ``pack:sae`` (annotate) and ``+2 x`` a CAA vector it
       creates from contrastive pairs (weddings vs weather, layer 6);
     * ``<prefix>-d``: no policy.
@@ -576,7 +575,7 @@ async def default_tenants(target: str, store: Store, *, prefix: str = "load", ma
                           "phase": "generation"}]}, make_default=True)
 
         layer = info.n_layers // 2
-        await b.upload_vector("mood", {layer: _unit_vector(info.d_model, seed=7)}, method="manual",
+        await b.upload_vector("mood", {layer: _unit_vector(info.d_model, seed=2)}, method="manual",
                               source="steerwatch load: a random unit direction")
         rule = {"name": "mood", "kind": "direction", "source": "mood", "layer": layer, "aggregation": "ema",
                 "alpha": 0.3, "scope": "generation"}
@@ -620,7 +619,8 @@ def _unit_vector(d_model: int, seed: int) -> list[float]:
 
 
 async def _calibrate_ema(client: Any, monitor: str, alpha: float, max_tokens: int, n: int = 4) -> float:
-    """The median, over ``n`` generations under the tenant's policy, of the peak EMA of ``monitor``."""
+    """The lower quartile, over ``n`` generations under the tenant's policy, of the peak EMA of ``monitor``
+    (a threshold most generations cross at some point, not all)."""
     async def peak(seed: int) -> float:
         readings = []
         async for ev in client.generate([("user", PROMPTS[seed % len(PROMPTS)])], max_tokens=max_tokens,
@@ -633,8 +633,8 @@ async def _calibrate_ema(client: Any, monitor: str, alpha: float, max_tokens: in
             best = max(best, ema)
         return best
 
-    peaks = await asyncio.gather(*(peak(90_000 + i) for i in range(n)))
-    return float(statistics.median(peaks))
+    peaks = sorted(await asyncio.gather(*(peak(90_000 + i) for i in range(n))))
+    return float(peaks[len(peaks) // 4])
 
 
 # ---- tables ------------------------------------------------------------------------------------------
@@ -721,7 +721,7 @@ async def run_cli(args: argparse.Namespace, say: Say) -> LoadReport:
         try:
             target = f"127.0.0.1:{replica.port}"
             tenants = await default_tenants(target, store, max_tokens=args.max_tokens, progress=say)
-            info.update({"engine": "hf", "store": "Redis (in-process replica, loopback gRPC)",
+            info.update({"engine": "hf", "store": "Redis", "replica": "in-process: server and clients share one asyncio loop; loopback gRPC",
                          "max_batch": str(args.max_batch), "max_tokens per request": f"{args.max_tokens} "
                          "(temperature 0.7, seeded; chat messages)"})
             report = await run_load(target, tenants, args.clients, args.duration, store=store, progress=say,
