@@ -46,8 +46,10 @@ from typing import Any
 
 import grpc
 
+from service.bench.measure import system_busy_s
 from service.client import SteerwatchClient, request
 from service.protos import alert_pb2, alert_pb2_grpc, chat_pb2, chat_pb2_grpc
+from service.servicers.chat import alert_from_fields
 from service.store.base import Store
 
 PROMPTS = (
@@ -100,6 +102,7 @@ class RequestRecord:
     indices: list[int] = field(default_factory=list)
     text: str = ""
     alerts: list[Any] = field(default_factory=list)  # AlertEvents, in order
+    alert_times: list[float] = field(default_factory=list)  # when each arrived
     kinds: list[str] = field(default_factory=list)  # every message's kind, in order
     finals: list[Any] = field(default_factory=list)
     error: str | None = None  # "CODE: details" when the call failed
@@ -169,6 +172,8 @@ class LoadReport:
     requests: list[RequestRecord]
     violations: list[Violation]
     checks: list[tuple[str, str]]  # (what was checked, outcome), in table order
+    watched: dict[str, list[Any]]  # per tenant: the AlertEvents its WatchAlerts delivered, in order
+    streams: dict[str, list[Any]] | None  # per tenant: its alert stream's entries (StoredAlert) after the start
     info: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -197,6 +202,7 @@ class _Watch:
         self.call = stub.WatchAlerts(alert_pb2.WatchAlertsRequest(after_id=after_id),
                                      metadata=(("x-api-key", load.api_key),))
         self.got: list[Any] = []
+        self.times: list[float] = []  # perf_counter at each arrival
         self.error: str | None = None
         self.task = asyncio.ensure_future(self._read())
 
@@ -204,6 +210,7 @@ class _Watch:
         try:
             async for alert in self.call:
                 self.got.append(alert)
+                self.times.append(time.perf_counter())
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED:
                 self.error = f"{e.code().name}: {e.details()}"
@@ -233,6 +240,7 @@ async def _one_request(stub: Any, load: TenantLoad, rec: RequestRecord, seed: in
                 rec.text += ev.token.text
             elif kind == "alert":
                 rec.alerts.append(ev.alert)
+                rec.alert_times.append(now)
             elif kind == "final":
                 rec.finals.append(ev.final)
     except grpc.aio.AioRpcError as e:
@@ -306,13 +314,13 @@ async def run_load(target: str, tenants: Sequence[TenantLoad], clients: int, dur
                 raise RuntimeError(f"the WatchAlerts stream of tenant {name!r} ended before the load: {w.error}")
         say(f"load: {clients} clients over {len(tenants)} tenants for {duration_s:g} s")
         records: list[RequestRecord] = []
-        busy0, own0 = _busy_s(), time.process_time()
+        busy0, own0 = system_busy_s(), time.process_time()
         t0 = time.perf_counter()
         deadline = t0 + duration_s
         await asyncio.gather(*(_client(i, target, tenants[i % len(tenants)], tag, deadline, t0, records, timeout_s,
                                        options) for i in range(clients)))
         wall = time.perf_counter() - t0
-        others = max(0.0, (_busy_s() - busy0) - (time.process_time() - own0)) / wall
+        others = max(0.0, (system_busy_s() - busy0) - (time.process_time() - own0)) / wall
         say(f"load: {len(records)} requests in {wall:.1f} s; waiting for the alert streams")
         expected = {t.tenant: sum(1 for r in records if r.tenant == t.tenant for a in r.alerts if a.alert_id)
                     for t in tenants}
@@ -327,21 +335,33 @@ async def run_load(target: str, tenants: Sequence[TenantLoad], clients: int, dur
         await watch_channel.close()
     streams = {n: await _stream_after(store, n, start_ids[n]) for n in names} if store is not None else None
     watched = {n: list(w.got) for n, w in watches.items()}
+    delivery = _delivery_ms(records, watches, t0)
     watch_errors = {n: w.error for n, w in watches.items() if w.error}
-    report = _report(tenants, clients, duration_s, wall, records, watched, streams, watch_errors)
+    report = build_report(tenants, clients, duration_s, wall, records, watched, streams, watch_errors)
     report.info.update({
         "clients": f"{clients} (round-robin over {len(tenants)} tenants, one channel each)",
         "duration": f"{duration_s:g} s of new requests; wall {wall:.1f} s until the last one ended",
         "other CPU": f"{others:.2f} cores busy in other processes during the load",
+        "alert delivery": _delivery_text(delivery),
         **(info or {}),
     })
     return report
 
 
-def _busy_s() -> float:
-    from service.bench.measure import system_busy_s
+def _delivery_ms(records: list[RequestRecord], watches: dict[str, _Watch], t0: float) -> list[float]:
+    """For each stored alert: when its tenant's WatchAlerts delivered it minus when the client got it
+    in-band, in ms (negative: the watch was first)."""
+    inband = {a.alert_id: at for r in records for a, at in zip(r.alerts, r.alert_times, strict=True) if a.alert_id}
+    return [(at - t0 - inband[a.alert_id]) * 1e3 for w in watches.values()
+            for a, at in zip(w.got, w.times, strict=True) if a.alert_id in inband]
 
-    return system_busy_s()
+
+def _delivery_text(ms: list[float]) -> str:
+    if not ms:
+        return "no stored alerts"
+    p50, p99 = _percentiles(ms)
+    return (f"WatchAlerts received each stored alert {p50:.0f} ms (p50), {p99:.0f} ms (p99), {max(ms):.0f} ms "
+            f"(max) after its Generate stream did ({len(ms)} alerts)")
 
 
 # ---- the checks --------------------------------------------------------------------------------------
@@ -421,8 +441,6 @@ def _check_tenant(tenant: str, records: list[RequestRecord], watched: list[Any],
         if a.alert_id in inband and a != inband[a.alert_id]:
             bad("content", f"WatchAlerts {a.alert_id} differs from the in-band alert")
     if stream is not None:
-        from service.servicers.chat import alert_from_fields
-
         for s in stream:
             if s.alert_id in inband and alert_from_fields(s.alert_id, s.fields) != inband[s.alert_id]:
                 bad("content", f"Redis Stream entry {s.alert_id} differs from the in-band alert")
@@ -447,13 +465,14 @@ def _stats(name: str, description: str, records: list[RequestRecord], wall: floa
                        sum(1 for r in done if r.stopped), len(records) - len(done))
 
 
-def _report(tenants: Sequence[TenantLoad], clients: int, duration_s: float, wall: float,
-            records: list[RequestRecord], watched: dict[str, list[Any]], streams: dict[str, list[Any]] | None,
-            watch_errors: dict[str, str]) -> LoadReport:
+def build_report(tenants: Sequence[TenantLoad], clients: int, duration_s: float, wall: float,
+                 records: list[RequestRecord], watched: dict[str, list[Any]], streams: dict[str, list[Any]] | None,
+                 watch_errors: dict[str, str] | None = None) -> LoadReport:
+    """The statistics and the no-loss checks of a finished load (what ``run_load`` returns)."""
     violations: list[Violation] = []
     for r in records:
         _check_request(r, violations)
-    for name, err in watch_errors.items():
+    for name, err in (watch_errors or {}).items():
         violations.append(Violation("error", name, f"WatchAlerts failed: {err}"))
     rows = []
     for t in tenants:
@@ -465,7 +484,7 @@ def _report(tenants: Sequence[TenantLoad], clients: int, duration_s: float, wall
     redis_total = sum(len(s) for s in streams.values()) if streams is not None else -1
     rows.append(_stats("all", f"{len(tenants)} tenants", records, wall, sum(len(w) for w in watched.values()),
                        redis_total))
-    report = LoadReport(clients, duration_s, wall, rows, records, violations, [])
+    report = LoadReport(clients, duration_s, wall, rows, records, violations, [], watched, streams)
     report.checks = _checks(report, streams is not None)
     return report
 

@@ -134,6 +134,7 @@ class Session:
         self.alerted = False  # any monitor fired (any action): the "responses with alerts" metric
         self.prompt_ids: list[int] = []
         self.generated: list[int] = []
+        self.delivered = 0  # token deltas sent: a stopped response's usage counts only these
         self.to_explain: dict[str, Pending] = {}  # first firing of each monitor with explain: true
 
     async def on_event(self, ev: Any) -> list[Any]:
@@ -162,6 +163,7 @@ class Session:
             return out
         self.text += ev.text
         readings = ev.readings if self.include_readings else {}
+        self.delivered += 1
         out.append(chat_pb2.GenerateResponse(token=chat_pb2.TokenDelta(
             index=ev.index, text=ev.text, token=ev.token, token_id=ev.token_id, readings=readings)))
         return out
@@ -196,7 +198,10 @@ class Session:
         self._observe(ev, reason)
         return chat_pb2.GenerateResponse(final=chat_pb2.FinalRecord(
             finish_reason=FINISH[reason],
-            usage=chat_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
+            # stopped by policy: the engine also counted the withheld token and any sampled before the
+            # cancel landed; the client got (and is accounted) only the delivered ones
+            usage=chat_pb2.Usage(prompt_tokens=ev.prompt_tokens,
+                                 completion_tokens=self.delivered if self.stopped else ev.completion_tokens),
             monitors=[chat_pb2.MonitorSummary(monitor=r.name, fired=fired, peak_score=peak, peak_token=at,
                                               action=r.action, threshold=r.threshold)
                       for r, fired, peak, at in self.rules.summary()],
