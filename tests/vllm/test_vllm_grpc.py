@@ -119,3 +119,45 @@ def test_engine_auto_falls_back_to_hf_when_vllm_cannot_serve_the_model(tmp_path,
             await replica.stop(0.0)
     assert loop_thread.run(go()) == "hf"
     assert any("engine auto: vLLM could not serve" in r.getMessage() for r in caplog.records)
+
+
+def test_a_dead_vllm_engine_core_turns_health_not_serving(vllm_tiny_dir, loop_thread):
+    """The engine core process is killed (as an OOM kill or a driver crash would): the watchdog sees vLLM
+    report itself dead, health turns NOT_SERVING, and new requests get UNAVAILABLE instead of hanging."""
+    import os
+    import signal
+
+    import psutil
+    from grpc_health.v1 import health_pb2
+
+    async def go() -> tuple[int, int, grpc.StatusCode]:
+        settings = Settings.load(None, host="127.0.0.1", port=0, metrics_port=0, engine="vllm",
+                                 model=str(vllm_tiny_dir), monitor_pack="none",
+                                 vllm={"dtype": "float32", "max_model_len": 256, "max_num_seqs": 4, "kv_cache_gb": 1})
+        replica = await start_replica(settings, store=await open_test_store("memory"))
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}")
+        try:
+            secret, _ = await replica.app.store.create_key("acme", "tenant")
+            client = Client(channel, secret)
+            before = await client.health_status()
+            cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline())
+                     or "EngineCore" in p.name()]
+            assert cores, [p.name() for p in psutil.Process().children(recursive=True)]
+            for p in cores:
+                os.kill(p.pid, signal.SIGKILL)
+            for _ in range(300):
+                if await client.health_status() != before:
+                    break
+                await asyncio.sleep(0.1)
+            after = await client.health_status()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.generate("Hello", max_tokens=4)
+            return before, after, info.value.code()
+        finally:
+            await channel.close()
+            await replica.stop(0.0)
+
+    before, after, code = loop_thread.run(go())
+    assert before == health_pb2.HealthCheckResponse.SERVING
+    assert after == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert code == grpc.StatusCode.UNAVAILABLE

@@ -170,8 +170,8 @@ class VLLMEngine:
     # ---- requests -----------------------------------------------------------------------------
     def open_stream(self, req: GenerationRequest) -> VLLMStream:
         """Validate and compile ``req`` (raising for a bad one), then start it."""
-        if self.llm is None:
-            raise Unavailable("engine: not running; retry on another replica")
+        if not self.alive:
+            raise Unavailable("engine: not running (it stopped or failed); retry on another replica")
         ids, compiled = admit(req, tokenizer=self.lm.tokenizer, max_prompt_tokens=self._prompt_limit(),
                               max_new_tokens=self.limits.max_new_tokens, registry=self.registry, shape=self.shape,
                               limits=self.limits, hooks=self._with_hooks)
