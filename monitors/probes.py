@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from steering.errors import invalid
-from steering.tensors import checked
+from steering.tensors import checked, unit_direction
 from steering.vectors import read_tensor_file
 
 Transform = Literal["sigmoid", "dot", "cosine"]
@@ -86,10 +86,7 @@ def make_direction(direction: torch.Tensor, *, metric: str = "dot", layer: int |
         raise invalid(f"{field_name}.metric", f"{metric!r} not allowed; use dot or cosine")
     d = direction.numel()
     r = checked(direction.reshape(-1), (d,), field_name)
-    norm = float(r.norm())
-    if norm < 1e-8:
-        raise invalid(field_name, "has zero norm; a direction must be non-zero")
-    return LinearReader(r / norm, 0.0, metric, layer, name)  # type: ignore[arg-type]
+    return LinearReader(unit_direction(r, field_name), 0.0, metric, layer, name)  # type: ignore[arg-type]
 
 
 def save_probe(probe: LinearReader, path: str | Path, *, model: str = "") -> None:

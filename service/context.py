@@ -11,6 +11,7 @@ from contextvars import ContextVar
 
 from service.store.base import Principal
 from steering.errors import SteerwatchError
+from steering.registry import check_id
 
 
 class Unauthenticated(SteerwatchError):
@@ -52,6 +53,6 @@ def tenant_for(requested: str) -> str:
     if not requested or requested == p.tenant:
         return p.tenant
     if p.role == "admin":
-        return requested
+        return check_id(requested, "tenant")
     raise PermissionDenied(f"tenant: only admin keys may act for another tenant; this key belongs to "
                            f"tenant {p.tenant!r}", field="tenant")

@@ -31,7 +31,15 @@ def build(model: type[BaseModel], where: str, **fields: Any) -> Any:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
-        raise invalid(f"{where}.{loc}" if loc else where, err["msg"]) from exc
+        raise invalid(f"{where}.{loc}" if loc else where, err["msg"].removeprefix("Value error, ")) from exc
+
+
+def _phase(value: int, where: str) -> str:
+    """A Phase enum value; proto3 enums are open, so a client may send any int32."""
+    if value not in PHASES:
+        names = ", ".join(common_pb2.Phase.Name(v) for v in sorted(PHASES))
+        raise invalid(f"{where}.phase", f"{value} is not a Phase; allowed {names}")
+    return PHASES[value]
 
 
 def edits_from_proto(entries: Any) -> list[Edit]:
@@ -45,16 +53,16 @@ def _edit(e: Any, where: str) -> Edit:
     if kind == "add":
         a = e.add
         return build(AddEdit, where, vector=a.vector_id, coef=a.coef, layers=list(a.layers) or None,
-                     phase=PHASES[a.phase], when=when)
+                     phase=_phase(a.phase, where), when=when)
     if kind == "ablate":
         b = e.ablate
         layers: Any = "all" if b.all_layers else list(b.layers)
-        return build(AblateEdit, where, vector=b.vector_id, layers=layers, phase=PHASES[b.phase], when=when)
+        return build(AblateEdit, where, vector=b.vector_id, layers=layers, phase=_phase(b.phase, where), when=when)
     if kind == "clamp":
         c = e.clamp
         return build(ClampEdit, where, sae=c.sae_id, feature=c.feature, value=c.value,
                      mode="max_multiple" if c.max_multiple else "absolute",
-                     layer=c.layer if c.has_layer else None, phase=PHASES[c.phase], when=when)
+                     layer=c.layer if c.has_layer else None, phase=_phase(c.phase, where), when=when)
     raise invalid(where, "names no edit; set one of add, ablate, clamp")
 
 

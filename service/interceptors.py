@@ -32,9 +32,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
@@ -42,7 +44,7 @@ from service import context as ctx
 from service.metrics import Metrics
 from service.outage import KeyMemory
 from service.settings import explain
-from steering.errors import SteerwatchError
+from steering.errors import SteerwatchError, invalid
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,37 @@ _HANDLER_FACTORIES = {
 }
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for request bytes that do not parse, so the error reaches the interceptors (auth, error
+    mapping, metrics) as INVALID_ARGUMENT instead of grpc's own UNKNOWN before any of them runs."""
+
+    message: str
+    reason: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The deserializer, returning an Undecodable instead of raising (wrapped once across the layers)."""
+    if deserializer is None or getattr(deserializer, "_steerwatch_tolerant", False):
+        return deserializer
+    name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    message = name.name if name is not None else "request"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return Undecodable(message, str(exc) or "malformed bytes")
+
+    parse._steerwatch_tolerant = True  # type: ignore[attr-defined]
+    return parse
+
+
 async def _invoke(behavior: Callable[..., Any], request: Any, context: Any, streaming: bool) -> Any:
     """Run the original behavior to completion; a response stream is written with context.write."""
+    if isinstance(request, Undecodable) and not getattr(behavior, "_steerwatch_wrapper", False):
+        # the servicer's own method is next: refuse here, inside every interceptor's ``around``
+        raise invalid("request", f"is not a valid {request.message} message ({request.reason})")
     result = behavior(request, context)
     if not streaming:
         return await result if inspect.isawaitable(result) else result
@@ -86,7 +117,8 @@ def wrap_handler(handler: grpc.RpcMethodHandler, around: Callable[[Any, Call], A
     async def wrapped(request: Any, context: Any) -> Any:
         return await around(context, lambda: _invoke(behavior, request, context, streaming))
 
-    return factory(wrapped, request_deserializer=handler.request_deserializer,
+    wrapped._steerwatch_wrapper = True  # type: ignore[attr-defined]
+    return factory(wrapped, request_deserializer=_tolerant(handler.request_deserializer),
                    response_serializer=handler.response_serializer)
 
 

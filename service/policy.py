@@ -13,11 +13,12 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from monitors.rules import RuleSpec
 from service.pack import is_pack_id
 from steering.errors import InvalidArgument, LimitExceeded, SteerwatchError, invalid
+from steering.registry import ID_PATTERN
 from steering.spec import (
     MAX_GATES,
     AblateEdit,
@@ -51,10 +52,20 @@ class MonitorRule(RuleSpec):
     explain: bool = Field(False, description="attribute the score to prompt tokens when this monitor fires "
                           "(one extra forward and backward pass; reported in the final record)")
 
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        if not v.isprintable():
+            raise ValueError("must be printable text")
+        return v
+
     @property
     def spec(self) -> RuleSpec:
         """The rule's parameters (a MonitorRule is a RuleSpec: itself, read per token without a copy)."""
         return self
+
+
+MAX_ENTRIES = 32  # monitors, and steering entries, per policy
 
 
 class PolicyLimits(_Strict):
@@ -65,16 +76,17 @@ class PolicyLimits(_Strict):
     default_max_tokens: int = Field(128, ge=1, le=32768, description="max_tokens when the request gives none")
     allow_request_steering: bool = Field(True, description="requests may add steering entries")
     allow_request_monitors: bool = Field(True, description="requests may add monitors")
-    allowed_vectors: list[str] | None = Field(None, description="vector ids requests may use; null = any of the tenant's")
+    allowed_vectors: list[Annotated[str, Field(pattern=ID_PATTERN.pattern)]] | None = Field(
+        None, max_length=256, description="vector ids requests may use (at most 256); null = any of the tenant's")
 
 
 class Policy(_Strict):
     """A tenant policy document."""
 
     description: str = Field("", max_length=1000)
-    monitors: list[MonitorRule] = Field(default_factory=list, max_length=32)
+    monitors: list[MonitorRule] = Field(default_factory=list, max_length=MAX_ENTRIES)
     steering: list[Annotated[AddEdit | AblateEdit | ClampEdit, Field(discriminator="kind")]] = Field(
-        default_factory=list, max_length=32)
+        default_factory=list, max_length=MAX_ENTRIES)
     limits: PolicyLimits = Field(default_factory=PolicyLimits)
 
     @model_validator(mode="after")
@@ -126,8 +138,20 @@ def parse_policy(document: str) -> Policy:
         raw = json.loads(document)
     except json.JSONDecodeError as exc:
         raise invalid("policy_json", f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+    except RecursionError as exc:  # the decoder recurses per level: '[[[[...' thousands deep
+        raise invalid("policy_json", "nests too deeply to parse; a policy is a few levels deep") from exc
+    except ValueError as exc:  # an integer literal beyond Python's int conversion limit (4300 digits)
+        raise invalid("policy_json", f"is not valid JSON ({str(exc).partition(':')[0]})") from exc
     if not isinstance(raw, dict):
         raise invalid("policy_json", "must be a JSON object")
+    for key in ("monitors", "steering"):  # refused before validating a million entries one by one
+        entries = raw.get(key)
+        if isinstance(entries, list) and len(entries) > MAX_ENTRIES:
+            raise invalid(f"policy_json.{key}", f"has {len(entries)} entries; allowed at most {MAX_ENTRIES}")
+    bad = _lone_surrogate(raw)
+    if bad is not None:  # JSON escapes can spell what UTF-8 cannot, and what could not be stored
+        raise invalid(f"policy_json{bad}", "contains a lone surrogate (a \\ud800..\\udfff escape); text must be "
+                      "valid Unicode")
     try:
         return Policy.model_validate(raw)
     except ValidationError as exc:
@@ -139,9 +163,36 @@ def parse_policy(document: str) -> Policy:
         raise invalid(f"policy_json{path}", msg) from exc
 
 
+def _lone_surrogate(raw: object) -> str | None:
+    """The JSON path of the first string (value or key) holding a lone UTF-16 surrogate, else None."""
+    stack: list[tuple[object, str]] = [(raw, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            if any(_SURROGATE.search(k) for k in value):
+                return path
+            stack.extend(reversed([(v, path + _path((k,))) for k, v in value.items()]))
+        elif isinstance(value, list):
+            stack.extend(reversed([(v, f"{path}[{i}]") for i, v in enumerate(value)]))
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _path(loc: tuple[int | str, ...]) -> str:
-    """('monitors', 0, 'action') -> '.monitors[0].action'."""
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    """('monitors', 0, 'action') -> '.monitors[0].action'; a steering entry's union tag is not a key of
+    the document, so ('steering', 0, 'add', 'coef') -> '.steering[0].coef'; ('a b',) -> '["a b"]'."""
+    if len(loc) > 2 and loc[0] == "steering" and loc[2] in ("add", "ablate", "clamp"):
+        loc = loc[:2] + loc[3:]
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" if _KEY.fullmatch(p) else f"[{json.dumps(p)}]"
+                   for p in loc)
+
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # other keys are quoted: policy_json["a b"], policy_json[""]
 
 
 def rename_field(exc: SteerwatchError, rename: Callable[[str, int], str]) -> SteerwatchError:

@@ -321,4 +321,6 @@ def orthonormal(dirs: torch.Tensor) -> torch.Tensor:
         n = v.norm()
         if n > 1e-6:
             basis.append(v / n)
+    if not basis:  # nothing left to ablate (callers refuse zero and non-finite directions first)
+        return dirs.new_zeros((0, dirs.shape[-1]), dtype=torch.float32)
     return torch.stack(basis).float()

@@ -16,7 +16,7 @@ from monitors.sae.formats import check_sae_fits
 from steering.errors import LimitExceeded, invalid
 from steering.registry import Registry
 from steering.spec import AblateEdit, AddEdit, ClampEdit, Edit, GateSpec, InterventionSpec, Limits, ReadSpec
-from steering.tensors import require_index
+from steering.tensors import require_index, unit_direction
 
 PHASE_ROWS = ("prompt", "generation")
 
@@ -149,12 +149,10 @@ def _compile_ablate(e: AblateEdit, where: str, reg: Registry, shape: ModelShape,
     _same_width(vec.d_model, shape, f"{where}.vector")
     layers = list(range(shape.n_layers)) if e.layers == "all" else _layers(e.layers, shape, where)
     for layer in layers:
-        r = vec.at(layer, f"{where}.vector")
-        norm = float(r.norm())
-        if norm < 1e-8:
-            raise invalid(f"{where}.vector", f"direction at layer {layer} has zero norm; cannot ablate it")
+        r = unit_direction(vec.at(layer, f"{where}.vector"), f"{where}.vector",
+                           f"direction at layer {layer} has zero norm; cannot ablate it")
         for slot in _targets(out, e, layer):
-            slot.ablate.append(r / norm)
+            slot.ablate.append(r)
     out.applied.append({"kind": "ablate", "vector": e.vector, "layers": layers, "phase": e.phase})
 
 
@@ -192,7 +190,8 @@ def _resolve_read(r: ReadSpec, where: str, reg: Registry, shape: ModelShape) -> 
         _same_width(vec.d_model, shape, f"{where}.source")
         layer = _read_layer(r.layer if r.layer is not None else (vec.layers[0] if len(vec.layers) == 1 else None),
                             shape, where)
-        reader = make_direction(vec.at(layer, f"{where}.source"), metric=r.metric, layer=layer, name=r.name)
+        reader = make_direction(vec.at(layer, f"{where}.source"), metric=r.metric, layer=layer, name=r.name,
+                                field_name=f"{where}.source")
         return ResolvedRead(r.name, layer, r.after_edits, ("linear", "direction", r.source, r.metric, str(layer)),
                             reader=reader)
     sae = reg.sae(r.source, f"{where}.source")

@@ -6,6 +6,8 @@ before it can reach a forward pass (a NaN in a steering table would poison every
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from steering.errors import invalid
@@ -47,3 +49,22 @@ def require_index(value: int, upper: int, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < upper:
         raise invalid(field, f"{value!r} is out of range; allowed 0..{upper - 1}")
     return value
+
+
+def unit_direction(v: torch.Tensor, field: str, what: str = "has zero norm; a direction must be non-zero",
+                   ) -> torch.Tensor:
+    """``v / |v|`` in ``v``'s dtype; refuses a (near-)zero vector with ``what``.
+
+    Finite float32 values can still have a norm beyond float32's range (64 values of 3e38): the norm is
+    then taken in float64, so the direction stays well defined instead of turning into zeros or NaN
+    (a NaN direction in an ablation table would poison the batch it joins)."""
+    norm = float(v.norm())
+    if not math.isfinite(norm):
+        v64 = v.double()
+        norm = float(v64.norm())
+        if not math.isfinite(norm):
+            raise invalid(field, "has a non-finite norm; all values must be finite")
+        return (v64 / norm).to(v.dtype)
+    if norm < 1e-8:
+        raise invalid(field, what)
+    return v / norm

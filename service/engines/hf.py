@@ -144,7 +144,7 @@ class HFEngine:
         """Validate and enqueue ``req``; events go to ``emit`` (called on the engine thread)."""
         if self._stop.is_set():
             raise Unavailable("engine: shutting down; retry on another replica")
-        if not self.alive:
+        if self._thread is not None and not self._thread.is_alive():  # started, then died (not yet started: queue)
             raise Unavailable("engine: not running (it stopped or failed); retry on another replica")
         ids, compiled = admit(req, tokenizer=self.lm.tokenizer, max_prompt_tokens=self.limits.max_prompt_tokens,
                               max_new_tokens=self.limits.max_new_tokens, registry=self.registry, shape=self.shape,
@@ -238,7 +238,13 @@ class HFEngine:
         self._drop_finished()
         new = self._admit()
         if new:
-            self._prefill(new)
+            try:
+                self._prefill(new)
+            except Exception:  # not running yet, so _fail_all would miss them: their clients would wait forever
+                for seq in new:
+                    if not seq.done:
+                        seq.finish("error", error="internal error in the engine step")
+                raise
             self._drop_finished()  # ended at their first token (EOS, max_tokens=1, error)
         if self._running:
             self._decode()

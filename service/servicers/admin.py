@@ -25,10 +25,10 @@ from service.protos import (
 from service.servicers.chat import alert_from_fields
 from service.store.base import PolicyRecord, VectorRecord
 from steering.compile import compile_spec
-from steering.errors import NotFound, SteerwatchError, invalid
+from steering.errors import InvalidArgument, LimitExceeded, NotFound, SteerwatchError, invalid
 from steering.extract import mean_difference
 from steering.registry import check_id
-from steering.tensors import require_index
+from steering.tensors import require_finite, require_index
 from steering.vectors import SteeringVector, make_vector, vector_metadata, vector_to_bytes
 
 MAX_PAIRS = 256
@@ -130,7 +130,9 @@ class VectorServicer(_VectorServicerBase):
             if len(lv.values) != self.app.engine.shape.d_model:
                 raise invalid(f"layers[{i}].values", f"has {len(lv.values)} values; this model needs d_model="
                               f"{self.app.engine.shape.d_model}")
-            per_layer[lv.layer] = torch.tensor(list(lv.values), dtype=torch.float32)
+            values = torch.tensor(list(lv.values), dtype=torch.float32)
+            require_finite(values, f"layers[{i}].values")  # named as sent, not as the stored tensor
+            per_layer[lv.layer] = values
         vec = make_vector(per_layer, model=self.app.model_name, method=request.method or "manual",
                           source=request.source, field_name="layers")
         return await self._store(tenant, request.vector_id, vec, request.replace)
@@ -160,9 +162,30 @@ class VectorServicer(_VectorServicerBase):
         lm = self.app.engine.lm
         pos = [p.positive for p in request.pairs]
         neg = [p.negative for p in request.pairs]
+        max_tokens = self.app.engine.limits.max_prompt_tokens
+
+        def encode_all() -> dict[str, list[int]]:
+            """Every text's ids, each within the prompt limit: one forward per text, and a text Generate
+            would refuse would hold the engine thread (every generation) for minutes."""
+            ids: dict[str, list[int]] = {}
+            for i, pair in enumerate(zip(pos, neg, strict=True)):
+                for side, text in zip(("positive", "negative"), pair, strict=True):
+                    if text in ids:
+                        continue
+                    where = f"pairs[{i}].{side}"
+                    try:
+                        got = encode_prompt(lm.tokenizer, text)
+                    except InvalidArgument as exc:
+                        raise invalid(where, str(exc).partition(": ")[2] or str(exc)) from exc
+                    if len(got) > max_tokens:
+                        raise LimitExceeded(f"{where}: {len(got)} tokens is beyond the limit; allowed "
+                                            f"1..{max_tokens}", field=where)
+                    ids[text] = got
+            return ids
 
         def work() -> SteeringVector:  # runs on the engine thread: the model serves one forward at a time
-            return mean_difference(lm.model, lm.layers, lambda t: encode_prompt(lm.tokenizer, t), pos, neg, layers,
+            ids = encode_all()
+            return mean_difference(lm.model, lm.layers, ids.__getitem__, pos, neg, layers,
                                    position=position, model_name=self.app.model_name,
                                    source=f"CreateVectorFromPairs: {len(pos)} pairs")
 
