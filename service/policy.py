@@ -28,6 +28,7 @@ from steering.spec import (
     GateSpec,
     InterventionSpec,
     ReadSpec,
+    printable,
 )
 
 Action = Literal["annotate", "alert", "stop", "steer"]
@@ -55,9 +56,7 @@ class MonitorRule(RuleSpec):
     @field_validator("name")
     @classmethod
     def _printable(cls, v: str) -> str:
-        if not v.isprintable():
-            raise ValueError("must be printable text")
-        return v
+        return printable(v)
 
     @property
     def spec(self) -> RuleSpec:

@@ -16,6 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from monitors.rules import RuleSpec
 
+
+def printable(v: str) -> str:
+    """A name that goes into logs, alerts and dashboards: printable text only."""
+    if not v.isprintable():
+        raise ValueError("must be printable text")
+    return v
+
 Phase = Literal["prompt", "generation", "both"]
 PHASES = ("prompt", "generation", "both")
 
@@ -78,9 +85,7 @@ class ReadSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _printable(cls, v: str) -> str:
-        if not v.isprintable():
-            raise ValueError("must be printable text")
-        return v
+        return printable(v)
 
 
 class GateSpec(RuleSpec):

@@ -750,19 +750,9 @@ async def run_cli(args: argparse.Namespace, say: Say) -> LoadReport:
         finally:
             await replica.stop(0.0)
     finally:
-        await _delete_prefix(args.redis_url, prefix)
+        from service.store.redis_store import delete_prefix
 
-
-async def _delete_prefix(url: str, prefix: str) -> None:
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(url, decode_responses=False)
-    try:
-        keys = [k async for k in client.scan_iter(match=prefix.encode() + b"*", count=500)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+        await delete_prefix(args.redis_url, prefix)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
@@ -52,6 +51,7 @@ from service.models import encode_prompt
 from service.models.tiny import byte_tokenizer
 from service.protos import alert_pb2, chat_pb2, common_pb2, model_pb2, policy_pb2, vector_pb2
 from steering.errors import InvalidArgument
+from tests.loop_thread import LoopThread
 from tests.service.grpc_harness import (
     D_MODEL,
     N_LAYERS,
@@ -98,28 +98,6 @@ def fuzz(n: int) -> Any:
 
 
 # ---- the replica, on a loop in a background thread ------------------------------------------------------
-class LoopThread:
-    """An asyncio loop running in a daemon thread; ``run`` blocks on one coroutine with a time limit."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="hostile-input-loop")
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return fut.result(timeout)
-        except TimeoutError:  # a hang fails the example, and does not linger into the next one
-            fut.cancel()
-            raise
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 @dataclass
 class Outcome:
     """What one call answered: a status, its details, and (streams) the messages received."""

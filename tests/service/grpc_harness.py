@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -43,7 +42,7 @@ from service.protos import (
 )
 from service.serve import Replica, start_replica
 from service.settings import Settings
-from service.store import open_store
+from service.store import open_store, redis_store
 from service.store.base import Store
 
 T = TypeVar("T")
@@ -122,13 +121,7 @@ def unique_prefix() -> str:
 
 async def delete_prefix(prefix: str) -> None:
     """Remove every Redis key under ``prefix``."""
-    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=False)
-    try:
-        keys = [k async for k in client.scan_iter(match=prefix.encode() + b"*", count=500)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await redis_store.delete_prefix(REDIS_URL, prefix)
 
 
 # ---- one replica and a client ---------------------------------------------------------------------------

