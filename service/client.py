@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.health import client_identity
 from service.protos import (
     alert_pb2,
     alert_pb2_grpc,
@@ -133,15 +134,6 @@ def _pair(p: Any, i: int) -> Any:
     if isinstance(p, tuple | list) and len(p) == 2:
         return vector_pb2.TextPair(positive=p[0], negative=p[1])
     raise invalid(f"pairs[{i}]", "expected (positive, negative), a mapping or a TextPair")
-
-
-def client_identity(cert: str | os.PathLike[str] | None, key: str | os.PathLike[str] | None) -> dict[str, bytes]:
-    """grpc.ssl_channel_credentials' arguments for a client certificate (both files or neither)."""
-    if (cert is None) != (key is None):
-        raise invalid("tls_client_cert", "and tls_client_key go together: give both or neither")
-    if cert is None or key is None:
-        return {}
-    return {"certificate_chain": Path(cert).read_bytes(), "private_key": Path(key).read_bytes()}
 
 
 class SteerwatchClient:

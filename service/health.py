@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from pathlib import Path
 from typing import Any
+
+from steering.errors import SteerwatchError, invalid
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,19 +28,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="name to check the server certificate against when it differs from the target's host")
 
 
+def client_identity(cert: str | os.PathLike[str] | None, key: str | os.PathLike[str] | None) -> dict[str, bytes]:
+    """grpc.ssl_channel_credentials' arguments for a client certificate (both files or neither); here,
+    not in service.client, so the health check shares it without that module's imports."""
+    if (cert is None) != (key is None):
+        raise invalid("tls_client_cert", "and tls_client_key go together: give both or neither")
+    if cert is None or key is None:
+        return {}
+    return {"certificate_chain": Path(cert).read_bytes(), "private_key": Path(key).read_bytes()}
+
+
 async def check(args: Any) -> str:
     """The serving status name ("SERVING", "NOT_SERVING", ...) or "UNREACHABLE (...)"."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
-    if args.tls_root_cert:
-        with open(args.tls_root_cert, "rb") as f:
-            roots = f.read()
-        identity = {}
-        if args.tls_client_cert and args.tls_client_key:
-            with open(args.tls_client_cert, "rb") as c, open(args.tls_client_key, "rb") as k:
-                identity = {"certificate_chain": c.read(), "private_key": k.read()}
+    identity = client_identity(args.tls_client_cert, args.tls_client_key)
+    if args.tls_root_cert or identity:  # a client certificate alone: TLS with the system's roots
+        roots = Path(args.tls_root_cert).read_bytes() if args.tls_root_cert else None
         creds = grpc.ssl_channel_credentials(root_certificates=roots, **identity)
         channel = grpc.aio.secure_channel(args.target, creds, options=options)
     else:
@@ -51,7 +61,11 @@ async def check(args: Any) -> str:
 
 
 def run(args: Any) -> int:
-    status = asyncio.run(check(args))
+    try:
+        status = asyncio.run(check(args))
+    except SteerwatchError as exc:  # a usage error (a client certificate without its key)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(status)
     return 0 if status == "SERVING" else 1
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -49,8 +50,7 @@ class ServerHandle:
 
     async def start(self) -> None:
         """Add the bootstrap admin key, then accept RPCs; health stays NOT_SERVING until set_serving()."""
-        for name in ("", *self.services):
-            await self.health.set(name, _NOT_SERVING)
+        await self._report(_NOT_SERVING)
         key = self.settings.bootstrap_admin_key
         if key is not None:
             await self.store.add_key(key.get_secret_value(), BOOTSTRAP_TENANT, "admin")
@@ -60,16 +60,17 @@ class ServerHandle:
 
     async def set_serving(self) -> None:
         """Report SERVING for the server ("") and every app service; ignored once draining."""
-        for name in ("", *self.services):
-            await self.health.set(name, _SERVING)
-        if not self.draining.is_set():
-            self.metrics.serving.set(1)
+        await self._report(_SERVING)
 
     async def set_not_serving(self) -> None:
         """Report NOT_SERVING everywhere (the engine died); the server keeps answering health and refusals."""
+        await self._report(_NOT_SERVING)
+
+    async def _report(self, status: Any) -> None:
         for name in ("", *self.services):
-            await self.health.set(name, _NOT_SERVING)
-        self.metrics.serving.set(0)
+            await self.health.set(name, status)
+        if not self.draining.is_set():  # a drain already reported NOT_SERVING, and set() ignores the rest
+            self.metrics.serving.set(1 if status == _SERVING else 0)
 
     async def drain_and_stop(self, grace_seconds: float | None = None) -> None:
         """Health NOT_SERVING, then stop with a grace period (settings' grace when None). Idempotent."""

@@ -31,6 +31,16 @@ def _summary(evs: list[Any]) -> tuple[list[int], dict[str, list[float]]]:
     return tokens(evs), readings(evs)
 
 
+def _assert_matches_hf(hf: Any, reqs: list[GenerationRequest], got: list[list[Any]]) -> None:
+    """Each request's vLLM events give the HF engine's tokens, and its readings within float32 tolerance."""
+    for r, evs in zip(reqs, got, strict=True):
+        w_toks, w_reads = _summary(hf.run(r))
+        g_toks, g_reads = _summary(evs)
+        assert g_toks == w_toks
+        for name in w_reads:
+            torch.testing.assert_close(torch.tensor(g_reads[name]), torch.tensor(w_reads[name]), rtol=1e-3, atol=1e-4)
+
+
 async def _serving(engine: Any, work: Any) -> Any:
     """Start ``engine``, run ``work()``, always shut the engine down."""
     await engine.start()
@@ -90,12 +100,7 @@ def test_hooks_survive_torch_compile(vllm_tiny_dir, hf_tiny, loop_thread):
         return [await engine.run(r) for r in reqs]
     got = loop_thread.run(_serving(engine, work), timeout=600)
     assert engine.canary["plain"] != engine.canary["steered"]
-    for r, evs in zip(reqs, got, strict=True):
-        w_toks, w_reads = _summary(hf_tiny.run(r))
-        g_toks, g_reads = _summary(evs)
-        assert g_toks == w_toks
-        for name in w_reads:
-            torch.testing.assert_close(torch.tensor(g_reads[name]), torch.tensor(w_reads[name]), rtol=1e-3, atol=1e-4)
+    _assert_matches_hf(hf_tiny, reqs, got)
 
 
 @pytest.mark.slow
@@ -121,9 +126,4 @@ def test_tensor_parallel_ranks_steer_alike_and_rank_0_reports(vllm_tiny_dir, hf_
         return list(await asyncio.gather(*(engine.run(r) for r in reqs))), await engine.worker_stats()
     got, stats = loop_thread.run(_serving(engine, work), timeout=600)
     assert len(stats) == 2 and all(s["steps"] > 0 for s in stats)  # both ranks ran the hooks
-    for r, evs in zip(reqs, got, strict=True):
-        w_toks, w_reads = _summary(hf_tiny.run(r))
-        g_toks, g_reads = _summary(evs)
-        assert g_toks == w_toks
-        for name in w_reads:
-            torch.testing.assert_close(torch.tensor(g_reads[name]), torch.tensor(w_reads[name]), rtol=1e-3, atol=1e-4)
+    _assert_matches_hf(hf_tiny, reqs, got)
